@@ -1,2 +1,169 @@
-def main():
-    print("occrt")
+"""The `occrt` command: a thin layer over the library. The only place that parses arguments.
+
+    occrt convert SRC -o OUT.occ [--dtype auto|f32|f16|bf16] [--force]
+    occrt generate MODEL.occ [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    occrt inspect MODEL.occ [--json]
+
+Errors a user can act on (bad file, unsupported model, bad flag value) print as one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from occrt.errors import OccError
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from occrt.converters.convert import ConvertOptions, convert
+    convert(args.src, args.output, ConvertOptions(dtype=args.dtype, overwrite=args.force))
+    return 0
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "seed": args.seed, "stop": args.stop or ()}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import occrt
+
+    model = occrt.load(args.model)
+    out = sys.stdout
+    if args.prompt is not None:
+        for piece in model.generate(args.prompt, stream=True, **_sampling_kwargs(args)):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return 0
+    return _chat(model, args)
+
+
+def _chat(model, args: argparse.Namespace) -> int:
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model; an empty line or Ctrl-D ends, /reset forgets the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        if not line.strip():
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        for piece in model.chat(messages, stream=True, **_sampling_kwargs(args)):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from occrt.describe import describe, render
+
+    with _open(args.model) as occ:
+        info = describe(occ)
+    if args.json:
+        json.dump(info, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render(info))
+    return 0
+
+
+def _open(path: str):
+    from occrt.format.reader import OccFile
+
+    return OccFile.open(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="occrt", description="LLM compression in operator coordinates: convert "
+                                "checkpoints to .occ files and run them.")
+    from occrt import __version__
+
+    p.add_argument("--version", action="version", version=f"occrt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint directory or a GGUF file to .occ")
+    c.add_argument("src", help="checkpoint directory (config.json, tokenizer, *.safetensors) or .gguf file")
+    c.add_argument("-o", "--output", required=True, help="the .occ file to write")
+    c.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
+                   help="storage dtype of the raw codec (auto: as in the source; GGUF blocks become f32)")
+    c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    c.set_defaults(run=_convert)
+
+    g = sub.add_parser("generate", help="generate text (with --prompt) or chat (without)")
+    g.add_argument("model", help="a .occ file")
+    g.add_argument("--prompt", help="text to continue; without it, an interactive chat using the chat template")
+    g.add_argument("--system", help="system message for chat mode")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: 256")
+    g.add_argument("--temperature", type=_non_negative_float, default=None,
+                   help="0 is greedy (default unless the model's generation defaults say otherwise)")
+    g.add_argument("--top-k", type=_non_negative_int, default=None, help="keep the K most likely tokens (0: off)")
+    g.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling mass (1: off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    g.set_defaults(run=_generate)
+
+    i = sub.add_parser("inspect", help="show a .occ file's header, metadata and tensors")
+    i.add_argument("model", help="a .occ file")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(run=_inspect)
+    return p
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _non_negative_float(s: str) -> float:
+    v = float(s)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _probability(s: str) -> float:
+    v = float(s)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except OccError as e:
+        print(f"occrt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("occrt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from occrt.cli import main
+
+sys.exit(main())

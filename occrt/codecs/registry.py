@@ -1,0 +1,22 @@
+"""The codec registry: stable integer id -> codec. Ids are never reused; a retired codec keeps its line, commented.
+
+Adding a codec: write its module (a `Codec` subclass with `check`, `decode` and an `encode`), add one line here and
+its section in `format_spec/occ.md` (tests/test_format_spec.py checks that the spec's table matches this one).
+"""
+from __future__ import annotations
+
+from occrt.codecs.base import Codec
+from occrt.codecs.raw import RAW
+from occrt.errors import FormatError
+
+CODECS: dict[int, Codec] = {
+    0: RAW,  # raw: elements in their dtype (f32/f16/bf16)
+}
+
+
+def codec_for(codec_id: int) -> Codec:
+    try:
+        return CODECS[codec_id]
+    except KeyError:
+        raise FormatError(f"unknown codec id {codec_id}; this reader knows {sorted(CODECS)} "
+                          f"(a newer occrt may read this file)") from None

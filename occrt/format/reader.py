@@ -1,0 +1,331 @@
+"""Reading `.occ` files: memory-mapped, validated before anything is trusted.
+
+`OccFile.open(path)` checks, before returning: the prelude (magic, version, header length within limits and within
+the file), the header CRC, the header JSON (strict: no duplicate keys, no NaN, known keys, types and limits), every
+index entry (names, dtypes, shapes, codec ids and versions, the codec's own check of its params), and the layout of
+the data area (sections in order, aligned, inside the file, not overlapping, zero padding between them, no trailing
+bytes). A section's CRC is checked when it is first read (`tensor`, `blob`, `payload`) and by `verify()`; so nothing
+is decoded from bytes that were not checked. Every problem is one `FormatError` naming the byte offset.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from occrt.codecs.registry import codec_for
+from occrt.errors import FormatError
+from occrt.format import constants as C
+
+
+@dataclass(frozen=True)
+class SectionEntry:
+    name: str
+    offset: int  # absolute byte offset in the file
+    length: int
+    crc32: int
+
+
+@dataclass(frozen=True)
+class TensorEntry(SectionEntry):
+    dtype: str
+    shape: tuple[int, ...]
+    codec: int
+    codec_version: int
+    params: dict[str, Any]
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class OccFile:
+    """An open, validated `.occ` file. Close it (or use `with`) when the decoded arrays are no longer needed:
+    raw f32/f16 tensors are zero-copy views of the mapping."""
+
+    def __init__(self, path: str, mm: mmap.mmap | bytes, size: int):
+        self.path = path
+        self._mm = mm
+        self.size = size
+        self._checked: set[int] = set()
+        self.version: tuple[int, int]
+        self.metadata: dict[str, Any]
+        self.blobs: dict[str, SectionEntry]
+        self.tensors: dict[str, TensorEntry]
+        self.header_length: int
+        self.data_start: int
+
+    # -- opening --------------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "OccFile":
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        except OSError as e:
+            raise FormatError(f"cannot open: {e.strerror}", path=path) from None
+        occ = cls(path, mm, size)
+        try:
+            occ._validate()
+        except FormatError as e:
+            occ.close()
+            raise FormatError(e.reason, e.offset, path=path) from None
+        return occ
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "<bytes>") -> "OccFile":
+        occ = cls(name, data, len(data))
+        try:
+            occ._validate()
+        except FormatError as e:
+            raise FormatError(e.reason, e.offset, path=name) from None
+        return occ
+
+    def _validate(self) -> None:
+        mm, size = self._mm, self.size
+        if size < C.PRELUDE_SIZE:
+            raise FormatError(f"file is {size} bytes, shorter than the {C.PRELUDE_SIZE}-byte prelude", 0)
+        magic, major, minor, header_crc, header_length = struct.unpack_from(C.PRELUDE_FORMAT, mm, 0)
+        if magic != C.MAGIC:
+            raise FormatError(f"wrong magic {magic!r} (not an .occ file)", 0)
+        if major != C.VERSION_MAJOR:
+            raise FormatError(f"format version {major}.{minor} is not readable by this reader "
+                              f"(it reads {C.VERSION_MAJOR}.x)", 8)
+        if header_length < 2 or header_length > C.MAX_HEADER_BYTES:
+            raise FormatError(f"header length {header_length} is outside 2..{C.MAX_HEADER_BYTES}", 16)
+        if C.PRELUDE_SIZE + header_length > size:
+            raise FormatError(f"header of {header_length} bytes runs past the end of the {size}-byte file", 16)
+        header = bytes(mm[C.PRELUDE_SIZE:C.PRELUDE_SIZE + header_length])
+        crc = 0
+        for a, b in C.HEADER_CRC_SPANS:
+            crc = zlib.crc32(mm[a:b], crc)
+        crc = zlib.crc32(header, crc)
+        if crc != header_crc:
+            raise FormatError(f"header checksum mismatch (stored {header_crc:#010x}, computed {crc:#010x})", 12)
+        self.version = (major, minor)
+        self.header_length = header_length
+        self.data_start = C.align_up(C.PRELUDE_SIZE + header_length)
+        doc = _parse_json(header, C.PRELUDE_SIZE)
+        strict = minor <= C.VERSION_MINOR  # a newer minor version may add keys this reader does not know
+        self._validate_header(doc, strict)
+        self._validate_layout()
+
+    def _validate_header(self, doc: Any, strict: bool) -> None:
+        at = C.PRELUDE_SIZE
+        if not isinstance(doc, dict):
+            raise FormatError("header is not a JSON object", at)
+        missing = C.HEADER_KEYS - doc.keys()
+        if missing:
+            raise FormatError(f"header lacks keys {sorted(missing)}", at)
+        if strict and doc.keys() - C.HEADER_KEYS:
+            raise FormatError(f"header has unknown keys {sorted(doc.keys() - C.HEADER_KEYS)}", at)
+        if not isinstance(doc["metadata"], dict):
+            raise FormatError("header 'metadata' is not an object", at)
+        self.metadata = doc["metadata"]
+        self.data_length = _int(doc["data_length"], "data_length", 0, 1 << 62)
+        blobs, tensors = doc["blobs"], doc["tensors"]
+        if not isinstance(blobs, list) or len(blobs) > C.MAX_BLOBS:
+            raise FormatError(f"'blobs' must be a list of at most {C.MAX_BLOBS} entries", at)
+        if not isinstance(tensors, list) or len(tensors) > C.MAX_TENSORS:
+            raise FormatError(f"'tensors' must be a list of at most {C.MAX_TENSORS} entries", at)
+        self.blobs = {}
+        for i, e in enumerate(blobs):
+            entry = self._section(e, f"blob #{i}", C.BLOB_KEYS, strict)
+            if entry.name in self.blobs:
+                raise FormatError(f"duplicate blob name {entry.name!r}", at)
+            self.blobs[entry.name] = entry
+        self.tensors = {}
+        for i, e in enumerate(tensors):
+            base = self._section(e, f"tensor #{i}", C.TENSOR_KEYS, strict)
+            what = f"tensor {base.name!r}"
+            if base.name in self.tensors:
+                raise FormatError(f"duplicate tensor name {base.name!r}", at)
+            dtype = e["dtype"]
+            if dtype not in C.DTYPES:
+                raise FormatError(f"{what}: unknown dtype {dtype!r} (known: {sorted(C.DTYPES)})", at)
+            shape = e["shape"]
+            if not isinstance(shape, list) or len(shape) > C.MAX_NDIM:
+                raise FormatError(f"{what}: shape must be a list of at most {C.MAX_NDIM} dimensions", at)
+            shape = tuple(_int(d, f"{what} shape", 0, C.MAX_DIM) for d in shape)
+            n = 1
+            for d in shape:
+                n *= d
+            if n > C.MAX_ELEMENTS:
+                raise FormatError(f"{what}: {n} elements is over the limit of {C.MAX_ELEMENTS}", at)
+            codec_id = _int(e["codec"], f"{what} codec", 0, 1 << 31)
+            version = _int(e["codec_version"], f"{what} codec_version", 0, 1 << 31)
+            params = e["params"]
+            if not isinstance(params, dict):
+                raise FormatError(f"{what}: params must be an object", at)
+            try:
+                codec_for(codec_id).check(version=version, dtype=dtype, shape=shape, params=params,
+                                          length=base.length)
+            except FormatError as err:
+                raise FormatError(f"{what}: {err.reason}", at) from None
+            self.tensors[base.name] = TensorEntry(base.name, base.offset, base.length, base.crc32, dtype, shape,
+                                                  codec_id, version, params)
+
+    def _section(self, e: Any, what: str, keys: frozenset, strict: bool) -> SectionEntry:
+        at = C.PRELUDE_SIZE
+        if not isinstance(e, dict):
+            raise FormatError(f"{what} is not an object", at)
+        if keys - e.keys():
+            raise FormatError(f"{what} lacks keys {sorted(keys - e.keys())}", at)
+        if strict and e.keys() - keys:
+            raise FormatError(f"{what} has unknown keys {sorted(e.keys() - keys)}", at)
+        name = e["name"]
+        if (not isinstance(name, str) or not name or len(name.encode()) > C.MAX_NAME_BYTES
+                or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name)):
+            raise FormatError(f"{what}: name must be 1..{C.MAX_NAME_BYTES} UTF-8 bytes without control "
+                              f"characters, got {name!r:.80}", at)
+        what = f"{what} {name!r}"
+        offset = _int(e["offset"], f"{what} offset", 0, self.data_length)
+        length = _int(e["length"], f"{what} length", 0, self.data_length)
+        crc = _int(e["crc32"], f"{what} crc32", 0, 0xFFFFFFFF)
+        if offset % C.ALIGNMENT:
+            raise FormatError(f"{what}: offset {offset} is not a multiple of {C.ALIGNMENT}", at)
+        if offset + length > self.data_length:
+            raise FormatError(f"{what}: section [{offset}, {offset + length}) runs past the data area "
+                              f"({self.data_length} bytes)", at)
+        return SectionEntry(name, self.data_start + offset, length, crc)
+
+    def _validate_layout(self) -> None:
+        if self.data_start + self.data_length != self.size:
+            raise FormatError(f"file is {self.size} bytes but the header describes "
+                              f"{self.data_start + self.data_length}", min(self.size, self.data_start + self.data_length))
+        sections = sorted(list(self.blobs.values()) + list(self.tensors.values()), key=lambda s: (s.offset, s.length))
+        pos = C.PRELUDE_SIZE + self.header_length  # end of what has been accounted for
+        for s in sections:
+            expected = self.data_start + C.align_up(max(pos - self.data_start, 0))
+            if s.offset < pos:
+                raise FormatError(f"section {s.name!r} overlaps the one before it", s.offset)
+            if s.offset != expected:
+                raise FormatError(f"gap before section {s.name!r}: expected it at {expected}", pos)
+            self._check_zero(pos, s.offset)
+            pos = s.offset + s.length
+        end = self.data_start + self.data_length
+        if not sections:
+            self._check_zero(pos, self.data_start)
+            pos = self.data_start
+        if pos != end:
+            raise FormatError(f"{end - pos} unaccounted bytes at the end of the data area", pos)
+
+    def _check_zero(self, start: int, stop: int) -> None:
+        if stop > start:
+            pad = self._mm[start:stop]
+            if pad.count(0) != len(pad):
+                raise FormatError("padding bytes are not zero", start + next(i for i, b in enumerate(pad) if b))
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    def payload(self, entry: SectionEntry) -> memoryview:
+        """The bytes of one section, CRC-checked on first use."""
+        view = memoryview(self._mm)[entry.offset:entry.offset + entry.length]
+        if entry.offset not in self._checked:
+            crc = zlib.crc32(view)
+            if crc != entry.crc32:
+                raise FormatError(f"checksum mismatch in section {entry.name!r} (stored {entry.crc32:#010x}, "
+                                  f"computed {crc:#010x})", entry.offset, path=self.path)
+            self._checked.add(entry.offset)
+        return view
+
+    def blob(self, name: str) -> bytes:
+        if name not in self.blobs:
+            raise FormatError(f"no blob named {name!r} (has {sorted(self.blobs)})", path=self.path)
+        return bytes(self.payload(self.blobs[name]))
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Decode one tensor (float32, or float16 for raw f16 storage). Raw tensors are read-only views."""
+        try:
+            entry = self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+        view = self.payload(entry)
+        try:
+            return codec_for(entry.codec).decode(view, version=entry.codec_version, dtype=entry.dtype,
+                                                 shape=entry.shape, params=entry.params)
+        except FormatError as e:
+            raise FormatError(f"tensor {name!r}: {e.reason}",
+                              None if e.offset is None else entry.offset + e.offset, path=self.path) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def verify(self) -> dict[str, int]:
+        """Check every section's CRC and decode every tensor. Returns counts; raises FormatError on the first fault."""
+        for entry in self.blobs.values():
+            self.payload(entry)
+        n_elements = 0
+        for name, entry in self.tensors.items():
+            a = self.tensor(name)
+            if a.shape != entry.shape:
+                raise FormatError(f"tensor {name!r} decoded to shape {a.shape}, index says {entry.shape}",
+                                  entry.offset, path=self.path)
+            n_elements += entry.n_elements
+        return {"blobs": len(self.blobs), "tensors": len(self.tensors), "elements": n_elements, "bytes": self.size}
+
+    def close(self) -> None:
+        if isinstance(self._mm, mmap.mmap):
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # arrays still view the mapping; it is released when they are
+
+    def __enter__(self) -> "OccFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _parse_json(data: bytes, at: int) -> Any:
+    def no_duplicates(pairs):
+        d = {}
+        for k, v in pairs:
+            if k in d:
+                raise ValueError(f"duplicate key {k!r}")
+            d[k] = v
+        return d
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not allowed")
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"header is not UTF-8: {e.reason}", at + e.start) from None
+    try:
+        doc = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"header is not valid JSON: {e.msg}", at + len(text[:e.pos].encode())) from None
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"header JSON rejected: {e}", at) from None
+    _check_depth(doc, at)
+    return doc
+
+
+def _check_depth(value: Any, at: int) -> None:
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > C.MAX_JSON_DEPTH:
+            raise FormatError(f"header JSON nests deeper than {C.MAX_JSON_DEPTH}", at)
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+
+
+def _int(v: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise FormatError(f"{what} must be an integer in [{lo}, {hi}], got {v!r:.40}", C.PRELUDE_SIZE)
+    return v

@@ -1,0 +1,147 @@
+"""The Llama-family decoder (Llama 2/3, Mistral without sliding window, SmolLM2) on numpy, with a KV cache.
+
+One forward step, top to bottom (shapes: T new tokens, D hidden, H query heads, KV key/value heads, d head_dim):
+
+    x = embed[tokens]                                  # (T, D)
+    for each layer:
+        h = rmsnorm(x) * w_in                          # (T, D)
+        q, k, v = h Wqᵀ, h Wkᵀ, h Wvᵀ                  # (T, H·d), (T, KV·d), (T, KV·d)
+        q, k = rope(q), rope(k)                        # rotate-half convention, positions start..start+T-1
+        cache[layer] <- k, v                           # (KV, S, d), S = start + T
+        a = softmax(q kᵀ/√d + causal) v                # grouped: H/KV query heads share one kv head
+        x = x + a Woᵀ                                  # (T, D)
+        h = rmsnorm(x) * w_post
+        x = x + (silu(h Wgᵀ) ⊙ h Wuᵀ) Wdᵀ              # (T, D)
+    logits = rmsnorm(x) * w_norm · Wheadᵀ              # (T, vocab)
+
+Linear layers are objects with `__call__(x (T, n_in)) -> (T, n_out)`, so compressed runtime forms plug in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from occrt.model.config import ModelConfig
+from occrt.model.rope import Rotary
+
+
+class Linear(Protocol):
+    n_in: int
+    n_out: int
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class DenseLinear:
+    """y = x Wᵀ (+ b) with a float32 weight (n_out, n_in)."""
+
+    def __init__(self, w: np.ndarray, b: np.ndarray | None = None):
+        self.w = w  # (n_out, n_in) float32
+        self.b = b  # (n_out,) or None
+        self.n_out, self.n_in = w.shape
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = x @ self.w.T  # (T, n_out)
+        if self.b is not None:
+            y += self.b
+        return y
+
+
+@dataclass
+class LayerWeights:
+    input_norm: np.ndarray  # (D,)
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    post_norm: np.ndarray  # (D,)
+    gate: Linear
+    up: Linear
+    down: Linear
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, capacity), allocated once."""
+
+    def __init__(self, cfg: ModelConfig, capacity: int):
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)  # (L, KV, S_max, d)
+        self.v = np.zeros(shape, np.float32)
+        self.capacity = capacity
+        self.length = 0  # positions filled
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    variance = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(variance + np.float32(eps))) * w
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1) + np.exp(-x))
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, *, embed: np.ndarray, layers: list[LayerWeights], norm: np.ndarray,
+                 head: Linear):
+        self.cfg = cfg
+        self.embed = embed  # (vocab, D) float32
+        self.layers = layers
+        self.norm = norm  # (D,)
+        self.head = head  # D -> vocab
+        self.rotary = Rotary(cfg.rope, cfg.head_dim)
+        self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
+
+    def new_cache(self, capacity: int) -> KVCache:
+        capacity = min(capacity, self.cfg.max_position_embeddings)
+        return KVCache(self.cfg, capacity)
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+        """Run `tokens` (T,) after the cache's contents. Returns logits (T, vocab) if all_logits else (vocab,)."""
+        cfg = self.cfg
+        tokens = np.asarray(tokens, dtype=np.int64)
+        t = tokens.shape[0]
+        start = cache.length
+        if start + t > cache.capacity:
+            raise ValueError(f"context of {start + t} tokens exceeds the cache capacity {cache.capacity}")
+        if t == 0:
+            raise ValueError("forward needs at least one token")
+        x = np.asarray(self.embed[tokens], dtype=np.float32)  # (T, D)
+        h_, kv_, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
+            q = self.rotary.apply(layer.q(h).reshape(t, h_, d), start)  # (T, H, d)
+            k = self.rotary.apply(layer.k(h).reshape(t, kv_, d), start)  # (T, KV, d)
+            v = layer.v(h).reshape(t, kv_, d)
+            cache.k[i, :, start:start + t] = k.transpose(1, 0, 2)
+            cache.v[i, :, start:start + t] = v.transpose(1, 0, 2)
+            a = self._attention(q, cache.k[i, :, :start + t], cache.v[i, :, :start + t], start)  # (T, H·d)
+            x = x + layer.o(a)
+            h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
+            x = x + layer.down(silu(layer.gate(h)) * layer.up(h))
+        cache.length = start + t
+        if not all_logits:
+            x = x[-1:]
+        logits = self.head(rms_norm(x, self.norm, cfg.rms_norm_eps))  # (T or 1, vocab)
+        return logits if all_logits else logits[0]
+
+    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+        # q (T, H, d); k, v (KV, S, d) with S = start + T. Query head j uses kv head j // (H/KV).
+        t, n_heads, d = q.shape
+        n_kv, s = k.shape[0], k.shape[1]
+        qg = q.reshape(t, n_kv, n_heads // n_kv, d).transpose(1, 2, 0, 3)  # (KV, G, T, d)
+        scores = (qg @ k[:, None].transpose(0, 1, 3, 2)) * self.scale  # (KV, G, T, S)
+        if t > 1:
+            # token i (at position start+i) sees positions <= start+i
+            mask = np.arange(s)[None, :] > (start + np.arange(t))[:, None]  # (T, S)
+            scores = np.where(mask, np.float32(-np.inf), scores)
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out = p @ v[:, None]  # (KV, G, T, d)
+        return out.transpose(2, 0, 1, 3).reshape(t, n_heads * d)
+
