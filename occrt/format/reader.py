@@ -56,7 +56,7 @@ class OccFile:
         self.path = path
         self._mm = mm
         self.size = size
-        self._checked: set[int] = set()
+        self._checked: set[tuple[int, int]] = set()
         self.version: tuple[int, int]
         self.metadata: dict[str, Any]
         self.blobs: dict[str, SectionEntry]
@@ -230,12 +230,12 @@ class OccFile:
     def payload(self, entry: SectionEntry) -> memoryview:
         """The bytes of one section, CRC-checked on first use."""
         view = memoryview(self._mm)[entry.offset:entry.offset + entry.length]
-        if entry.offset not in self._checked:
+        if (entry.offset, entry.length) not in self._checked:
             crc = zlib.crc32(view)
             if crc != entry.crc32:
                 raise FormatError(f"checksum mismatch in section {entry.name!r} (stored {entry.crc32:#010x}, "
                                   f"computed {crc:#010x})", entry.offset, path=self.path)
-            self._checked.add(entry.offset)
+            self._checked.add((entry.offset, entry.length))
         return view
 
     def blob(self, name: str) -> bytes:
