@@ -53,6 +53,14 @@ class Codec:
         """Decode a payload to a float array of `shape` (float32, or float16 for f16 raw storage)."""
         raise NotImplementedError
 
+    def examples(self) -> list[Encoded]:
+        """A few small encoded tensors that reach this codec's decoding paths (the fuzz tests, tests/test_fuzz.py,
+        mutate them and the bit-flip sweep stores them). The default encodes seeded random tensors of a few shapes with
+        `encode(w)`; a codec whose `encode` needs arguments, or has paths those miss, overrides this."""
+        rng = np.random.default_rng(0)
+        shapes = [(0,), (1,), (7,), (3, 5), (16, 24)]
+        return [self.encode(rng.standard_normal(s).astype(np.float32)) for s in shapes]  # type: ignore[attr-defined]
+
 
 def n_elements(shape: tuple[int, ...]) -> int:
     n = 1

@@ -47,5 +47,10 @@ class RawCodec(Codec):
         return Encoded(codec=RawCodec.id, codec_version=1, dtype=dtype, shape=tuple(int(d) for d in w.shape),
                        payload=memoryview(data.reshape(-1).view(np.uint8)))
 
+    def examples(self) -> list[Encoded]:
+        rng = np.random.default_rng(0)
+        return [self.encode(rng.standard_normal(shape).astype(np.float32), dtype=dtype)
+                for dtype in DTYPES for shape in [(), (0, 3), (5,), (3, 4)]]
+
 
 RAW = RawCodec()

@@ -1,7 +1,8 @@
 """The codec registry: stable integer id -> codec. Ids are never reused; a retired codec keeps its line, commented.
 
 Adding a codec: write its module (a `Codec` subclass with `check`, `decode` and an `encode`), add one line here and
-its section in `format_spec/occ.md` (tests/test_format_spec.py checks that the spec's table matches this one).
+its section in `format_spec/occ.md` (tests/test_format_spec.py checks that the spec's table matches this one). Every
+codec here is fuzzed and bit-flipped automatically (tests/test_fuzz.py, tests/test_hostile.py) from its `examples()`.
 """
 from __future__ import annotations
 

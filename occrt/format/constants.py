@@ -29,6 +29,14 @@ MAX_NDIM = 8
 MAX_DIM = 1 << 40
 MAX_ELEMENTS = 1 << 40
 MAX_JSON_DEPTH = 32
+# JSON numbers: an integer literal has at most 20 digits and lies in [-2^63, 2^64) (every integer field fits 64 bits,
+# and parsing stays linear whatever Python's int-digit limit is set to); a number literal must be finite (1e400 is not).
+MAX_JSON_INT_DIGITS = 20
+JSON_INT_RANGE = (-(1 << 63), (1 << 64) - 1)
+# A tensor decodes to at most this many elements per byte of its section (at least 1/512 bit per element): so no
+# index entry can make a reader allocate more than 16 KiB (float32) per byte the file really holds. Raw needs <= 1;
+# an entropy-coded block of 2^16-symbol chunks spends >= 32 index bytes per chunk, so <= 2048.
+MAX_ELEMENTS_PER_BYTE = 4096
 
 # Logical dtypes of decoded tensors: name -> (bytes per element, numpy dtype a raw section is read as).
 # bf16 has no numpy dtype: its raw bits are read as '<u2' and widened to float32 exactly.

@@ -1,15 +1,17 @@
 """Reading `.occ` files: memory-mapped, validated before anything is trusted.
 
 `OccFile.open(path)` checks, before returning: the prelude (magic, version, header length within limits and within
-the file), the header CRC, the header JSON (strict: no duplicate keys, no NaN, known keys, types and limits), every
-index entry (names, dtypes, shapes, codec ids and versions, the codec's own check of its params), and the layout of
-the data area (sections in order, aligned, inside the file, not overlapping, zero padding between them, no trailing
-bytes). A section's CRC is checked when it is first read (`tensor`, `blob`, `payload`) and by `verify()`; so nothing
-is decoded from bytes that were not checked. Every problem is one `FormatError` naming the byte offset.
+the file), the header CRC, the header JSON (strict: no duplicate keys, no NaN or overflowing numbers, no lone
+surrogates, bounded nesting, known keys, types and limits), every index entry (names, dtypes, shapes, codec ids and
+versions, the codec's own check of its params, at most MAX_ELEMENTS_PER_BYTE elements per section byte), and the
+layout of the data area (sections in order, aligned, inside the file, not overlapping, zero padding between them, no
+trailing bytes). A section's CRC is checked when it is first read (`tensor`, `blob`, `payload`) and by `verify()`;
+so nothing is decoded from bytes that were not checked. Every problem is one `FormatError` naming the byte offset.
 """
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -56,7 +58,7 @@ class OccFile:
         self.path = path
         self._mm = mm
         self.size = size
-        self._checked: set[tuple[int, int]] = set()
+        self._checked: set[tuple[int, int, int]] = set()
         self.version: tuple[int, int]
         self.metadata: dict[str, Any]
         self.blobs: dict[str, SectionEntry]
@@ -172,6 +174,9 @@ class OccFile:
                                           length=base.length)
             except FormatError as err:
                 raise FormatError(f"{what}: {err.reason}", at) from None
+            if n > C.MAX_ELEMENTS_PER_BYTE * base.length:
+                raise FormatError(f"{what}: {n} elements from a {base.length}-byte section, more than "
+                                  f"{C.MAX_ELEMENTS_PER_BYTE} per byte", at)
             self.tensors[base.name] = TensorEntry(base.name, base.offset, base.length, base.crc32, dtype, shape,
                                                   codec_id, version, params)
 
@@ -230,12 +235,13 @@ class OccFile:
     def payload(self, entry: SectionEntry) -> memoryview:
         """The bytes of one section, CRC-checked on first use."""
         view = memoryview(self._mm)[entry.offset:entry.offset + entry.length]
-        if (entry.offset, entry.length) not in self._checked:
+        key = (entry.offset, entry.length, entry.crc32)  # zero-length sections may share an offset, not a CRC
+        if key not in self._checked:
             crc = zlib.crc32(view)
             if crc != entry.crc32:
                 raise FormatError(f"checksum mismatch in section {entry.name!r} (stored {entry.crc32:#010x}, "
                                   f"computed {crc:#010x})", entry.offset, path=self.path)
-            self._checked.add((entry.offset, entry.length))
+            self._checked.add(key)
         return view
 
     def blob(self, name: str) -> bytes:
@@ -261,8 +267,9 @@ class OccFile:
         return iter(self.tensors)
 
     def verify(self) -> dict[str, int]:
-        """Check every section's CRC and decode every tensor. Returns counts; raises FormatError on the first fault."""
-        for entry in self.blobs.values():
+        """Check every section's CRC, then decode every tensor. Returns counts; raises FormatError on the first fault.
+        (All CRCs first: corruption is reported as such, and cheaply, before any decoder sees the bytes.)"""
+        for entry in list(self.blobs.values()) + list(self.tensors.values()):
             self.payload(entry)
         n_elements = 0
         for name, entry in self.tensors.items():
@@ -299,30 +306,60 @@ def _parse_json(data: bytes, at: int) -> Any:
     def no_constants(name):
         raise ValueError(f"{name} is not allowed")
 
+    def bounded_int(literal: str) -> int:
+        # checked before int(): a megabyte of digits must not cost quadratic time
+        if len(literal.lstrip("-")) > C.MAX_JSON_INT_DIGITS:
+            raise ValueError(f"integer literal of {len(literal)} characters")
+        v = int(literal)
+        if not C.JSON_INT_RANGE[0] <= v <= C.JSON_INT_RANGE[1]:
+            raise ValueError(f"integer {v} is outside [-2^63, 2^64)")
+        return v
+
+    def finite_float(literal: str) -> float:
+        v = float(literal)
+        if not math.isfinite(v):
+            raise ValueError(f"number {literal[:40]} is not finite as a double")
+        return v
+
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise FormatError(f"header is not UTF-8: {e.reason}", at + e.start) from None
     try:
-        doc = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+        doc = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants, parse_int=bounded_int,
+                         parse_float=finite_float)
     except json.JSONDecodeError as e:
         raise FormatError(f"header is not valid JSON: {e.msg}", at + len(text[:e.pos].encode())) from None
     except (ValueError, RecursionError) as e:
         raise FormatError(f"header JSON rejected: {e}", at) from None
-    _check_depth(doc, at)
+    _check_values(doc, at)
     return doc
 
 
-def _check_depth(value: Any, at: int) -> None:
+def _check_values(value: Any, at: int) -> None:
+    """Nesting depth, and strings that are Unicode scalar values: a `\\ud800` escape decodes to a lone surrogate,
+    which is not text (it cannot be encoded as UTF-8) and would break every later use of the string."""
     stack = [(value, 0)]
     while stack:
         v, depth = stack.pop()
         if depth > C.MAX_JSON_DEPTH:
             raise FormatError(f"header JSON nests deeper than {C.MAX_JSON_DEPTH}", at)
         if isinstance(v, dict):
+            for k in v:
+                _check_text(k, at)
             stack.extend((x, depth + 1) for x in v.values())
         elif isinstance(v, list):
             stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, str):
+            _check_text(v, at)
+
+
+def _check_text(s: str, at: int) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise FormatError(f"header JSON string holds a lone surrogate (U+{ord(s[e.start]):04X})", at) from None
 
 
 def _int(v: Any, what: str, lo: int, hi: int) -> int:
