@@ -86,10 +86,11 @@ def load(path: str | os.PathLike, *, device: str = "cpu") -> Model:
     try:
         meta = occ.metadata
         config = ModelConfig.from_json(meta.get("model.config"))
-        tokenizer = Tokenizer(occ.blob("tokenizer.json"), bos_token_id=meta.get("tokenizer.bos_token_id"),
-                              eos_token_ids=meta.get("tokenizer.eos_token_ids") or [],
-                              chat_template=meta.get("chat.template"),
-                              add_bos_token=bool(meta.get("tokenizer.add_bos_token", False)))
+        if meta.get("general.architecture") != config.architecture:
+            raise FormatError(f"metadata 'general.architecture' is {meta.get('general.architecture')!r:.40}, "
+                              f"model.config says {config.architecture!r}")
+        tokenizer = Tokenizer(occ.blob("tokenizer.json"), **_tokenizer_metadata(meta, config.vocab_size))
+        defaults = _generation_defaults(meta.get("generation.defaults"))
         from occrt.model.loader import load_llama
 
         network = load_llama(occ, config)
@@ -99,5 +100,51 @@ def load(path: str | os.PathLike, *, device: str = "cpu") -> Model:
     except BaseException:
         occ.close()
         raise
-    defaults = meta.get("generation.defaults") or {}
-    return Model(occ, network, config, tokenizer, defaults if isinstance(defaults, dict) else {})
+    return Model(occ, network, config, tokenizer, defaults)
+
+
+def _tokenizer_metadata(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """The tokenizer keys of format_spec/occ.md section 4, checked: token ids index the embedding."""
+    def token_id(v: Any, key: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
+            raise FormatError(f"metadata {key!r} must hold token ids in [0, {vocab_size}), got {v!r:.40}")
+        return v
+
+    bos = meta.get("tokenizer.bos_token_id")
+    eos = meta.get("tokenizer.eos_token_ids", [])
+    if not isinstance(eos, list):
+        raise FormatError("metadata 'tokenizer.eos_token_ids' must be a list of token ids")
+    add_bos = meta.get("tokenizer.add_bos_token", False)
+    template = meta.get("chat.template")
+    if not isinstance(add_bos, bool):
+        raise FormatError("metadata 'tokenizer.add_bos_token' must be true or false")
+    if template is not None and not isinstance(template, str):
+        raise FormatError("metadata 'chat.template' must be a string or null")
+    return {"bos_token_id": None if bos is None else token_id(bos, "tokenizer.bos_token_id"),
+            "eos_token_ids": [token_id(e, "tokenizer.eos_token_ids") for e in eos],
+            "chat_template": template, "add_bos_token": add_bos}
+
+
+def _generation_defaults(value: Any) -> dict[str, Any]:
+    """`generation.defaults`, checked as the sampling options are; unknown keys are ignored (format_spec/occ.md 4)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise FormatError("metadata 'generation.defaults' must be an object")
+    rules = {"temperature": lambda v: _number(v) and 0 <= v <= 1e6, "top_p": lambda v: _number(v) and 0 < v <= 1,
+             "top_k": lambda v: _integer(v) and v >= 0, "max_new_tokens": lambda v: _integer(v) and v >= 1}
+    out = {}
+    for key, ok in rules.items():
+        if key in value:
+            if not ok(value[key]):
+                raise FormatError(f"metadata 'generation.defaults.{key}' has a bad value {value[key]!r:.40}")
+            out[key] = value[key]
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

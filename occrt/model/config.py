@@ -43,6 +43,8 @@ class ModelConfig:
         required = [f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         missing = [k for k in required if k not in d]
+        if missing:
+            raise FormatError(f"metadata 'model.config' lacks {missing}")
         kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         cfg = cls(**kw)
         cfg.validate()
@@ -77,9 +79,48 @@ class ModelConfig:
         if not isinstance(rope, dict) or rope.get("type") not in ROPE_TYPES:
             raise FormatError(f"model.config.rope.type must be one of {ROPE_TYPES}, got {rope!r:.100}")
         theta = rope.get("theta")
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 1:
-            raise FormatError(f"model.config.rope.theta must be a number > 1, got {theta!r}")
+        if not _number(theta) or not 1 < theta < _F32_MAX:
+            raise FormatError(f"model.config.rope.theta must be a number in (1, 3.4e38), got {theta!r:.40}")
+        _validate_rope_params(rope, self.head_dim)
 
     @property
     def n_rep(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+
+_F32_MAX = 3.4e38  # rotary frequencies are computed in float32: larger values would become infinities
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _validate_rope_params(rope: dict[str, Any], head_dim: int) -> None:
+    """Each rope type's own parameters (format_spec/occ.md 4.1): present, finite, in the range the formula needs."""
+
+    def positive(key: str, *, required: bool = True) -> None:
+        if key not in rope and not required:
+            return
+        v = rope.get(key)
+        if not _number(v) or not 0 < v < _F32_MAX:
+            raise FormatError(f"model.config.rope.{key} must be a positive number for rope type "
+                              f"{rope['type']!r}, got {v!r:.40}")
+
+    kind = rope["type"]
+    if kind == "linear":
+        positive("factor")
+    elif kind == "llama3":
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            positive(key)
+        if not rope["low_freq_factor"] < rope["high_freq_factor"]:
+            raise FormatError("model.config.rope: low_freq_factor must be below high_freq_factor")
+    elif kind == "yarn":
+        positive("factor")
+        positive("original_max_position_embeddings")
+        for key in ("beta_fast", "beta_slow", "attention_factor"):
+            positive(key, required=False)
+    elif kind == "freq_factors":
+        factors = rope.get("factors")
+        if (not isinstance(factors, list) or len(factors) != head_dim // 2
+                or not all(_number(f) and 0 < f < _F32_MAX for f in factors)):
+            raise FormatError(f"model.config.rope.factors must be {head_dim // 2} positive numbers (head_dim/2)")
