@@ -10,6 +10,7 @@ so nothing is decoded from bytes that were not checked. Every problem is one `Fo
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import mmap
@@ -338,20 +339,29 @@ def _parse_json(data: bytes, at: int) -> Any:
 
 def _check_values(value: Any, at: int) -> None:
     """Nesting depth, and strings that are Unicode scalar values: a `\\ud800` escape decodes to a lone surrogate,
-    which is not text (it cannot be encoded as UTF-8) and would break every later use of the string."""
-    stack = [(value, 0)]
-    while stack:
-        v, depth = stack.pop()
-        if depth > C.MAX_JSON_DEPTH:
-            raise FormatError(f"header JSON nests deeper than {C.MAX_JSON_DEPTH}", at)
-        if isinstance(v, dict):
-            for k in v:
-                _check_text(k, at)
-            stack.extend((x, depth + 1) for x in v.values())
-        elif isinstance(v, list):
-            stack.extend((x, depth + 1) for x in v)
-        elif isinstance(v, str):
-            _check_text(v, at)
+    which is not text (it cannot be encoded as UTF-8) and would break every later use of the string.
+
+    Depth-first with one iterator per level of the current path, so the walk itself needs O(depth) memory."""
+    if isinstance(value, str):
+        _check_text(value, at)
+    if not isinstance(value, (dict, list)):
+        return
+    path = [_children(value)]  # the header object is level 1; each object or array inside one adds a level
+    while path:
+        for v in path[-1]:
+            if isinstance(v, str):
+                _check_text(v, at)
+            elif isinstance(v, (dict, list)):
+                if len(path) + 1 > C.MAX_JSON_DEPTH:
+                    raise FormatError(f"header JSON nests deeper than {C.MAX_JSON_DEPTH} levels", at)
+                path.append(_children(v))
+                break
+        else:
+            path.pop()
+
+
+def _children(v: dict | list) -> Iterator[Any]:
+    return itertools.chain(v.keys(), v.values()) if isinstance(v, dict) else iter(v)
 
 
 def _check_text(s: str, at: int) -> None:

@@ -45,11 +45,12 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def _check_json_value(value: Any, where: str, depth: int = 0) -> None:
-    """Refuse what a reader rejects (format_spec/occ.md 3.5 and 3.1): deep nesting, non-finite numbers, integers
-    outside [-2^63, 2^64), strings that are not UTF-8 encodable (lone surrogates)."""
-    if depth > C.MAX_JSON_DEPTH:
-        raise ValueError(f"{where}: nested deeper than {C.MAX_JSON_DEPTH}")
+def _check_json_value(value: Any, where: str, depth: int) -> None:
+    """Refuse what a reader rejects (format_spec/occ.md 3.5 and 3.1): nesting past MAX_JSON_DEPTH levels (`depth` is
+    the value's level in the header: the header object is 1), non-finite numbers, integers outside [-2^63, 2^64),
+    strings that are not UTF-8 encodable (lone surrogates)."""
+    if depth > C.MAX_JSON_DEPTH and isinstance(value, (dict, list, tuple)):
+        raise ValueError(f"{where}: nested deeper than {C.MAX_JSON_DEPTH} levels")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where}: {value} is not a finite number")
     if isinstance(value, int) and not isinstance(value, bool) and not (
@@ -111,7 +112,7 @@ class OccWriter:
         if not isinstance(key, str):
             raise ValueError(f"metadata key {key!r} is not a string")
         _check_text(key, "metadata key")
-        _check_json_value(value, f"metadata {key!r}")
+        _check_json_value(value, f"metadata {key!r}", 3)  # header {} > "metadata" {} > value
         self._metadata[key] = value
 
     def _append(self, buffers: list[bytes | memoryview]) -> tuple[int, int, int]:
@@ -147,7 +148,7 @@ class OccWriter:
             raise ValueError(f"more than {C.MAX_TENSORS} tensors")
         if not isinstance(enc.params, dict):
             raise ValueError(f"params of {name!r} must be a dict")
-        _check_json_value(enc.params, f"params of {name!r}")
+        _check_json_value(enc.params, f"params of {name!r}", 4)  # header {} > "tensors" [] > entry {} > params
         payload = enc.payload if isinstance(enc.payload, list) else [enc.payload]
         length = sum(memoryview(b).nbytes for b in payload)
         # The writer refuses what a reader would reject, so a bad codec is caught where it is made.
