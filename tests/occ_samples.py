@@ -74,9 +74,12 @@ def split(data: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def assemble(header: Any, body: bytes, *, header_bytes: bytes | None = None, major: int = C.VERSION_MAJOR,
-             minor: int = C.VERSION_MINOR, header_crc: int | None = None) -> bytes:
-    """A file from a header (canonical JSON unless `header_bytes` is given) and a data area, with a correct header
-    CRC unless `header_crc` is given."""
+             minor: int = C.VERSION_MINOR, header_crc: int | None = None, lax: bool = False) -> bytes:
+    """A file from a header (canonical JSON unless `header_bytes` is given; with `lax`, any JSON Python writes:
+    NaN, huge integers, escaped lone surrogates) and a data area, with a correct header CRC unless `header_crc` is
+    given."""
+    if header_bytes is None and lax:
+        header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     h = canonical_json(header) if header_bytes is None else header_bytes
     head = struct.pack(C.PRELUDE_FORMAT, C.MAGIC, major, minor, 0, len(h))
     crc = zlib.crc32(h, zlib.crc32(head[16:24], zlib.crc32(head[0:12])))
@@ -87,10 +90,11 @@ def assemble(header: Any, body: bytes, *, header_bytes: bytes | None = None, maj
 
 def refresh_section_crcs(header: dict[str, Any], body: bytes) -> None:
     """Recompute every section CRC that lies inside `body`, in place (so data mutations get past the CRCs)."""
-    for entry in list(header.get("blobs", [])) + list(header.get("tensors", [])):
+    entries = [e for key in ("blobs", "tensors") if isinstance(header.get(key), list) for e in header[key]]
+    for entry in entries:
         try:
             off, n = int(entry["offset"]), int(entry["length"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             continue
         if 0 <= off and 0 <= n and off + n <= len(body):
             entry["crc32"] = zlib.crc32(body[off:off + n])

@@ -154,7 +154,7 @@ class OccFile:
             if base.name in self.tensors:
                 raise FormatError(f"duplicate tensor name {base.name!r}", at)
             dtype = e["dtype"]
-            if dtype not in C.DTYPES:
+            if not isinstance(dtype, str) or dtype not in C.DTYPES:
                 raise FormatError(f"{what}: unknown dtype {dtype!r} (known: {sorted(C.DTYPES)})", at)
             shape = e["shape"]
             if not isinstance(shape, list) or len(shape) > C.MAX_NDIM:
