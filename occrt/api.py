@@ -84,13 +84,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu") -> Model:
         raise OccError(f"device {device!r} is not supported (supported: {', '.join(DEVICES)})")
     occ = OccFile.open(path)
     try:
-        meta = occ.metadata
-        config = ModelConfig.from_json(meta.get("model.config"))
-        if meta.get("general.architecture") != config.architecture:
-            raise FormatError(f"metadata 'general.architecture' is {meta.get('general.architecture')!r:.40}, "
-                              f"model.config says {config.architecture!r}")
-        tokenizer = Tokenizer(occ.blob("tokenizer.json"), **_tokenizer_metadata(meta, config.vocab_size))
-        defaults = _generation_defaults(meta.get("generation.defaults"))
+        config, tokenizer, defaults = check_model(occ)
         from occrt.model.loader import load_llama
 
         network = load_llama(occ, config)
@@ -101,6 +95,22 @@ def load(path: str | os.PathLike, *, device: str = "cpu") -> Model:
         occ.close()
         raise
     return Model(occ, network, config, tokenizer, defaults)
+
+
+def check_model(occ: OccFile) -> tuple[ModelConfig, Tokenizer, dict[str, Any]]:
+    """What `load` checks beyond the container, without decoding a tensor: the metadata it uses (config, tokenizer and
+    its token ids, generation defaults) and that the file holds every tensor the config implies, in its shape."""
+    from occrt.model.loader import check_llama_tensors
+
+    meta = occ.metadata
+    config = ModelConfig.from_json(meta.get("model.config"))
+    if meta.get("general.architecture") != config.architecture:
+        raise FormatError(f"metadata 'general.architecture' is {meta.get('general.architecture')!r:.40}, "
+                          f"model.config says {config.architecture!r}")
+    tokenizer = Tokenizer(occ.blob("tokenizer.json"), **_tokenizer_metadata(meta, config.vocab_size))
+    defaults = _generation_defaults(meta.get("generation.defaults"))
+    check_llama_tensors(occ, config)
+    return config, tokenizer, defaults
 
 
 def _tokenizer_metadata(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:

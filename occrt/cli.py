@@ -3,6 +3,7 @@
     occrt convert SRC -o OUT.occ [--dtype auto|f32|f16|bf16] [--force]
     occrt generate MODEL.occ [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     occrt inspect MODEL.occ [--json]
+    occrt verify MODEL.occ [--json]
 
 Errors a user can act on (bad file, unsupported model, bad flag value) print as one line and exit with status 2.
 """
@@ -88,6 +89,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from occrt.verify import render, verify_file
+
+    summary = verify_file(args.model)
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render(summary))
+    return 0
+
+
 def _open(path: str):
     from occrt.format.reader import OccFile
 
@@ -133,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="a .occ file")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(run=_inspect)
+
+    v = sub.add_parser("verify", help="check every checksum, decode every tensor, check the model; exit 0 or 2")
+    v.add_argument("model", help="a .occ file")
+    v.add_argument("--json", action="store_true", help="machine-readable summary")
+    v.set_defaults(run=_verify)
     return p
 
 

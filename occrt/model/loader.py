@@ -42,15 +42,19 @@ def llama_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_llama(occ: OccFile, cfg: ModelConfig) -> LlamaModel:
-    shapes = llama_tensor_shapes(cfg)
-    for name, shape in shapes.items():
+def check_llama_tensors(occ: OccFile, cfg: ModelConfig) -> None:
+    """The file holds every tensor the config implies, with that shape (before anything is decoded)."""
+    for name, shape in llama_tensor_shapes(cfg).items():
         entry = occ.tensors.get(name)
         if entry is None:
             raise FormatError(f"model needs tensor {name!r}, which the file lacks", path=occ.path)
         if entry.shape != shape:
             raise FormatError(f"tensor {name!r} has shape {list(entry.shape)}, the config implies {list(shape)}",
                               path=occ.path)
+
+
+def load_llama(occ: OccFile, cfg: ModelConfig) -> LlamaModel:
+    check_llama_tensors(occ, cfg)
 
     def f32(name: str) -> np.ndarray:
         a = occ.tensor(name)
