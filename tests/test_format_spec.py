@@ -38,6 +38,18 @@ def test_limits_table():
     assert number("dimensions per tensor") == C.MAX_NDIM
     assert "2⁴⁰" in table and C.MAX_DIM == C.MAX_ELEMENTS == 1 << 40
     assert number("JSON nesting") == C.MAX_JSON_DEPTH
+    assert number("elements per section byte") == C.MAX_ELEMENTS_PER_BYTE
+    assert number("JSON integer digits") == C.MAX_JSON_INT_DIGITS and C.JSON_INT_RANGE == (-(1 << 63), (1 << 64) - 1)
+
+
+def test_limits_table_entropy_coded_blocks():
+    from occrt.codecs import ans
+
+    table = _section("### 3.1 Limits")
+    number = lambda label: int(re.search(rf"\| {label} \| ([\d ]+)", table).group(1).replace(" ", ""))
+    assert "symbols | 2³²" in table and ans.MAX_SYMBOLS == 1 << 32
+    assert number("entropy-coded block: chunk size") == ans.MAX_CHUNK_SIZE
+    assert number("entropy-coded block: frequency table entries") == ans.MAX_RANGE + 1
 
 
 def test_codec_table_matches_registry():
