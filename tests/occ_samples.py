@@ -38,14 +38,14 @@ def all_examples() -> list[tuple[str, Encoded]]:
     return [(f"{codec.name}.{i}", enc) for codec in CODECS.values() for i, enc in enumerate(codec_examples(codec))]
 
 
-def sample_bytes(*, max_examples_per_codec: int | None = None) -> bytes:
+def sample_bytes(*, max_examples_per_codec: int | None = None, seed: int = 7) -> bytes:
     """A small valid `.occ` file (a few KB), built in memory with the real writer."""
     import os
     import tempfile
 
     from occrt.format.writer import OccWriter
 
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "sample.occ")
         with OccWriter(path) as w:
