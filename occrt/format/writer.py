@@ -46,7 +46,7 @@ def canonical_json(value: Any) -> bytes:
 
 
 def _check_json_value(value: Any, where: str, depth: int) -> None:
-    """Refuse what a reader rejects (format_spec/occ.md 3.5 and 3.1): nesting past MAX_JSON_DEPTH levels (`depth` is
+    """Refuse what a reader rejects (format_spec/occ.md 2.2, 3 rule 5): nesting past MAX_JSON_DEPTH levels (`depth` is
     the value's level in the header: the header object is 1), non-finite numbers, integers outside [-2^63, 2^64),
     strings that are not UTF-8 encodable (lone surrogates)."""
     if depth > C.MAX_JSON_DEPTH and isinstance(value, (dict, list, tuple)):
