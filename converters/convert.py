@@ -1,24 +1,26 @@
 """Convert a checkpoint (HF directory or GGUF file) into one `.occ` file.
 
     source = open_source(path)                 # config, tokenizer, template, tensors under HF names
+    [--bpw: pass 1]  for each tensor: measure its rate-distortion curves; allocate the bit budget
     with OccWriter(out) as w:                  # temporary file until finish(): a failure leaves nothing
         metadata -> w.set_metadata / w.add_blob("tokenizer.json")
-        for each tensor (streamed):  check name and shape -> encode -> w.add_tensor
+        for each tensor (streamed):  check name and shape -> encode (converters/policy.py) -> w.add_tensor
         w.finish()                             # header + data, fsync, rename onto `out`
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 import occrt
 from occrt.converters.source import Source, SourceTensor
-from occrt.codecs.base import Encoded
-from occrt.codecs.raw import RawCodec
+from occrt.codecs import ans
+from occrt.converters.policy import CodingOptions, Policy, record_bits
 from occrt.errors import ConversionError
 from occrt.format.writer import OccWriter
 from occrt.model.loader import llama_tensor_shapes
@@ -28,8 +30,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass(frozen=True)
-class ConvertOptions:
-    dtype: str = "auto"  # "auto" keeps the source dtype (dequantized GGUF blocks become f32); or f32/f16/bf16
+class ConvertOptions(CodingOptions):
     overwrite: bool = False
 
 
@@ -49,34 +50,46 @@ def open_source(path: str) -> Source:
     raise ConversionError(f"{path}: no such file or directory")
 
 
-def encode_raw(t: SourceTensor, options: ConvertOptions) -> Encoded:
-    dtype = options.dtype
-    if dtype == "auto":
-        dtype = "f32" if t.dtype == "quantized" else t.dtype
-    if t.dtype == "bf16" and dtype != "bf16":
-        from occrt.format.constants import bf16_bits_to_f32
-
-        return RawCodec.encode(bf16_bits_to_f32(t.data), dtype=dtype)
-    return RawCodec.encode(t.data, dtype=dtype)
-
-
 def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), *,
-            encode: Callable[[SourceTensor, ConvertOptions], Encoded] = encode_raw,
             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Convert `src` to `out`. Returns a summary (tensor count, bytes, parameters)."""
+    """Convert `src` to `out`. Returns a summary (tensor count, bytes, parameters, achieved bits per weight)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    policy = Policy(options)
     source = open_source(src)
     try:
-        return _write(source, out, options, encode, log)
+        return _write(source, out, options, policy, log)
     finally:
         source.close()
 
 
-def _write(source: Source, out: str, options: ConvertOptions, encode, log) -> dict[str, Any]:
+def _checked_tensors(source: Source, expected: dict[str, tuple[int, ...]]) -> Iterator[SourceTensor]:
+    cfg = source.config
+    for t in source.tensors():
+        if t.name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and t.name == "lm_head.weight"):
+            continue
+        if t.name not in expected:
+            raise ConversionError(f"unexpected tensor {t.name!r} for a {cfg.architecture} model")
+        if tuple(t.data.shape) != expected[t.name]:
+            raise ConversionError(f"tensor {t.name!r} has shape {list(t.data.shape)}, "
+                                  f"the config implies {list(expected[t.name])}")
+        if t.dtype != "bf16" and not np.isfinite(t.data).all():
+            raise ConversionError(f"tensor {t.name!r} holds NaN or infinite values")
+        yield t
+
+
+def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, log) -> dict[str, Any]:
     cfg = source.config
     expected = llama_tensor_shapes(cfg)
+    if policy.two_pass:
+        started = time.monotonic()
+        for t in _checked_tensors(source, expected):
+            policy.measure(t)
+        policy.finalize()
+        log(f"rate control: {len(policy.chosen)} tensors measured and allocated in "
+            f"{time.monotonic() - started:.1f} s")
     seen: set[str] = set()
     n_params = 0
+    linear_bits = linear_params = 0
     with OccWriter(out, overwrite=options.overwrite) as w:
         w.set_metadata("general.architecture", cfg.architecture)
         w.set_metadata("model.config", cfg.to_json())
@@ -89,23 +102,27 @@ def _write(source: Source, out: str, options: ConvertOptions, encode, log) -> di
         w.set_metadata("chat.template", tok.chat_template)
         w.set_metadata("generation.defaults", source.generation_defaults)
         w.set_metadata("provenance", {**source.provenance, "converter": f"occrt {occrt.__version__}"})
-        for t in source.tensors():
-            if t.name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and t.name == "lm_head.weight"):
-                continue
-            if t.name not in expected:
-                raise ConversionError(f"unexpected tensor {t.name!r} for a {cfg.architecture} model")
-            if tuple(t.data.shape) != expected[t.name]:
-                raise ConversionError(f"tensor {t.name!r} has shape {list(t.data.shape)}, "
-                                      f"the config implies {list(expected[t.name])}")
-            if t.dtype != "bf16" and not np.isfinite(t.data).all():
-                raise ConversionError(f"tensor {t.name!r} holds NaN or infinite values")
-            w.add_tensor(t.name, encode(t, options))
+        if policy.two_pass or options.lossless:
+            w.set_metadata("codec.entropy_coder", ans.CODER_INFO)
+        for t in _checked_tensors(source, expected):
+            enc = policy.encode(t)
+            w.add_tensor(t.name, enc)
             seen.add(t.name)
             n_params += t.data.size
+            if policy.is_linear(t.name):
+                linear_bits += record_bits(enc)
+                linear_params += t.data.size
         missing = sorted(set(expected) - seen)
         if missing:
             raise ConversionError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
         w.finish()
     size = os.path.getsize(out)
-    log(f"wrote {out}: {len(seen)} tensors, {n_params:,} parameters, {size:,} bytes")
-    return {"tensors": len(seen), "parameters": n_params, "bytes": size}
+    summary: dict[str, Any] = {"tensors": len(seen), "parameters": n_params, "bytes": size,
+                               "linear_parameters": linear_params,
+                               "linear_bpw": linear_bits / linear_params if linear_params else 0.0}
+    log(f"wrote {out}: {len(seen)} tensors, {n_params:,} parameters, {size:,} bytes "
+        f"({8 * size / max(n_params, 1):.3f} bits per parameter overall)")
+    if options.bpw is not None:
+        off = 100 * (summary["linear_bpw"] / options.bpw - 1)
+        log(f"linear layers: {summary['linear_bpw']:.4f} bits per weight (target {options.bpw}, {off:+.2f} %)")
+    return summary

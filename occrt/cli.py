@@ -1,6 +1,6 @@
 """The `occrt` command: a thin layer over the library. The only place that parses arguments.
 
-    occrt convert SRC -o OUT.occ [--dtype auto|f32|f16|bf16] [--force]
+    occrt convert SRC -o OUT.occ [--bpw B | --lossless | --dtype auto|f32|f16|bf16] [--force] ...
     occrt generate MODEL.occ [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     occrt inspect MODEL.occ [--json]
     occrt verify MODEL.occ [--json]
@@ -19,7 +19,10 @@ from occrt.errors import OccError
 
 def _convert(args: argparse.Namespace) -> int:
     from occrt.converters.convert import ConvertOptions, convert
-    convert(args.src, args.output, ConvertOptions(dtype=args.dtype, overwrite=args.force))
+    options = ConvertOptions(dtype=args.dtype, overwrite=args.force, bpw=args.bpw, lossless=args.lossless,
+                             rotate=args.rotate, ranks=tuple(args.ranks), embed_bpw=args.embed_bpw,
+                             seed=args.seed)
+    convert(args.src, args.output, options)
     return 0
 
 
@@ -121,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
                    help="storage dtype of the raw codec (auto: as in the source; GGUF blocks become f32)")
     c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--bpw", type=_positive_float, default=None,
+                      help="compress the linear layers to this many bits per weight on average (ecsq codec)")
+    mode.add_argument("--lossless", action="store_true",
+                      help="entropy-code every tensor exactly (planes codec)")
+    c.add_argument("--rotate", choices=("none", "in", "out", "both"), default="none",
+                   help="with --bpw: randomized Hadamard rotation of the linear weights' input/output coordinates "
+                        "(default: none, which measured best on SmolLM2 without calibration)")
+    c.add_argument("--ranks", type=_rank_list, default=[0],
+                   help="with --bpw: structural ranks the rate control may choose per tensor, e.g. 0,8,32 "
+                        "(default: 0)")
+    c.add_argument("--embed-bpw", type=_positive_float, default=6.0,
+                   help="with --bpw: bits per weight of the embedding and output head (default: 6)")
+    c.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the rotations (default: 0)")
     c.set_defaults(run=_convert)
 
     g = sub.add_parser("generate", help="generate text (with --prompt) or chat (without)")
@@ -166,6 +183,23 @@ def _non_negative_int(s: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return v
+
+
+def _rank_list(s: str) -> list[int]:
+    try:
+        ranks = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {s!r}") from None
+    if not ranks or min(ranks) < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative integers, got {s!r}")
+    return ranks
 
 
 def _non_negative_float(s: str) -> float:

@@ -24,7 +24,7 @@ class Encoded:
     codec_version: int
     dtype: str  # logical dtype of the decoded tensor ("f32", "f16", "bf16")
     shape: tuple[int, ...]
-    payload: bytes | memoryview
+    payload: bytes | memoryview | list  # a list of buffers is written back to back
     params: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -7,11 +7,15 @@ codec here is fuzzed and bit-flipped automatically (tests/test_fuzz.py, tests/te
 from __future__ import annotations
 
 from occrt.codecs.base import Codec
+from occrt.codecs.ecsq import ECSQ
+from occrt.codecs.planes import PLANES
 from occrt.codecs.raw import RAW
 from occrt.errors import FormatError
 
 CODECS: dict[int, Codec] = {
     0: RAW,  # raw: elements in their dtype (f32/f16/bf16)
+    1: ECSQ,  # ecsq: rotations + low-rank part + entropy-coded uniform residual (lossy)
+    2: PLANES,  # planes: float bit fields as separate ANS streams (lossless)
 }
 
 

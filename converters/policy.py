@@ -1,0 +1,160 @@
+"""Which codec each tensor gets, and with what choices: the converter's coding policy.
+
+    raw (default)      every tensor in its source dtype (codec 0)
+    --lossless         every tensor through the `planes` codec: exact values, entropy-coded bit fields (codec 2)
+    --bpw B            linear layers of the blocks through `ecsq` (codec 1) at B bits per weight on average,
+                       allocated across tensors by the equal-slope rule (converters/ratecontrol.py); the embedding
+                       and output head through `ecsq` with per-row steps at --embed-bpw (their own budget, default
+                       6); norms and biases raw float32
+
+With --bpw, conversion makes two passes over the source: the first measures each tensor's rate-distortion curves
+(`measure`), `finalize` allocates the budget, the second encodes (`encode`). Only one tensor is in memory at a time.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from occrt.codecs import ans
+from occrt.codecs.base import Encoded
+from occrt.codecs.ecsq import CodingFrame
+from occrt.codecs.planes import PlanesCodec
+from occrt.codecs.raw import RawCodec
+from occrt.codecs.rotation import RotationSpec, derive_seed
+from occrt.converters.ratecontrol import Candidate, TensorCurves, allocate, measure
+from occrt.converters.source import SourceTensor
+from occrt.errors import ConversionError
+from occrt.format.constants import bf16_bits_to_f32
+from occrt.format.writer import canonical_json
+
+ROTATIONS = ("none", "in", "out", "both")
+_LINEAR = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight")
+EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
+# input spaces: projections reading the same activation share the input rotation's seed (the runtime rotates once)
+_INPUT_SPACE = {"q": 0, "k": 0, "v": 0, "o": 1, "gate": 2, "up": 2, "down": 3}
+_OUTPUT_LABEL = {"q": 10, "k": 11, "v": 12, "o": 13, "gate": 14, "up": 15, "down": 16}
+_EMBED_LAYER = 1 << 20  # layer label for the embedding/head rotations
+
+
+@dataclass(frozen=True)
+class CodingOptions:
+    dtype: str = "auto"  # raw storage dtype: auto keeps the source's (dequantized GGUF blocks become f32)
+    bpw: float | None = None  # target bits per weight of the blocks' linear layers (ecsq)
+    lossless: bool = False
+    rotate: str = "none"  # which sides of each linear weight get a randomized Hadamard rotation
+    ranks: tuple[int, ...] = (0,)  # structural ranks offered to the rate control per tensor
+    embed_bpw: float = 6.0  # bits per weight of the embedding and output head under --bpw
+    seed: int = 0  # rotation seeds derive from this
+    chunk_size: int = ans.DEFAULT_CHUNK_SIZE
+
+    def validate(self) -> None:
+        if self.lossless and self.bpw is not None:
+            raise ConversionError("--lossless and --bpw exclude each other")
+        if self.bpw is not None and not 0.5 <= self.bpw <= 16:
+            raise ConversionError(f"--bpw must be in [0.5, 16], got {self.bpw}")
+        if not 0.5 <= self.embed_bpw <= 16:
+            raise ConversionError(f"--embed-bpw must be in [0.5, 16], got {self.embed_bpw}")
+        if self.rotate not in ROTATIONS:
+            raise ConversionError(f"--rotate must be one of {ROTATIONS}, got {self.rotate!r}")
+        if not self.ranks or any(r < 0 for r in self.ranks):
+            raise ConversionError(f"--ranks must be non-negative integers, got {self.ranks}")
+        if not 0 <= self.seed < 1 << 53:
+            raise ConversionError(f"--seed must be in [0, 2^53), got {self.seed}")
+
+
+def as_f32(t: SourceTensor) -> np.ndarray:
+    return bf16_bits_to_f32(t.data) if t.dtype == "bf16" else np.asarray(t.data, dtype=np.float32)
+
+
+def record_bits(enc: Encoded) -> int:
+    """Bits of a tensor's record: its payload and its params (steps, seeds, ranks live there)."""
+    parts = enc.payload if isinstance(enc.payload, list) else [enc.payload]
+    return 8 * (sum(memoryview(p).nbytes for p in parts) + len(canonical_json(enc.params)))
+
+
+class Policy:
+    def __init__(self, options: CodingOptions):
+        options.validate()
+        self.o = options
+        self.curves: dict[str, TensorCurves] = {}
+        self.embed_curves: dict[str, TensorCurves] = {}
+        self.chosen: dict[str, tuple[dict[str, Any], float]] = {}  # name -> (frame options, step)
+        self.report: dict[str, Any] = {}
+
+    @property
+    def two_pass(self) -> bool:
+        return self.o.bpw is not None
+
+    @staticmethod
+    def is_linear(name: str) -> bool:
+        return _LINEAR.fullmatch(name) is not None
+
+    # -- frames -------------------------------------------------------------------------------------------------------
+    def _frame_options(self, name: str, shape: tuple[int, int]) -> list[dict[str, Any]]:
+        n_out, n_in = shape
+        if name in EMBEDDINGS:
+            return [{"rank": 0, "rot_in": None, "rot_out": None, "row_scales": True}]
+        m = _LINEAR.fullmatch(name)
+        layer, proj = int(m.group(1)), m.group(3)
+        rot_in = RotationSpec(1, derive_seed(self.o.seed, layer, _INPUT_SPACE[proj]), n_in)
+        rot_out = RotationSpec(1, derive_seed(self.o.seed, layer, _OUTPUT_LABEL[proj]), n_out)
+        sides = {"none": (None, None), "in": (rot_in, None), "out": (None, rot_out), "both": (rot_in, rot_out)}
+        r_in, r_out = sides[self.o.rotate]
+        ranks = sorted({min(r, n_out, n_in) for r in self.o.ranks})
+        return [{"rank": r, "rot_in": r_in, "rot_out": r_out, "row_scales": False} for r in ranks]
+
+    @staticmethod
+    def _frame(w: np.ndarray, opts: dict[str, Any]) -> CodingFrame:
+        row_scales = None
+        if opts["row_scales"]:
+            rms = np.sqrt(np.mean(w.astype(np.float64) ** 2, axis=1))  # (n_out,) per-row step multipliers
+            row_scales = np.maximum(rms, max(float(rms.max()) * 1e-3, 1e-30))
+            row_scales = np.clip(row_scales / float(np.median(row_scales)), 2.0 ** -14, 6e4)
+        return CodingFrame(w, rank=opts["rank"], rot_in=opts["rot_in"], rot_out=opts["rot_out"],
+                           row_scales=row_scales)
+
+    # -- pass 1 -------------------------------------------------------------------------------------------------------
+    def measure(self, t: SourceTensor) -> None:
+        if not self.two_pass or not (self.is_linear(t.name) or t.name in EMBEDDINGS):
+            return
+        w = as_f32(t)
+        curves = TensorCurves(t.name, int(w.size), 1.0)
+        for opts in self._frame_options(t.name, w.shape):
+            cand: Candidate = measure(t.name, self._frame(w, opts), opts, chunk_size=self.o.chunk_size)
+            curves.candidates.append(cand)
+        (self.embed_curves if t.name in EMBEDDINGS else self.curves)[t.name] = curves
+
+    def finalize(self) -> None:
+        if not self.two_pass:
+            return
+        for group, bpw in ((self.curves, self.o.bpw), (self.embed_curves, self.o.embed_bpw)):
+            names = list(group)
+            n_params = sum(group[n].n_params for n in names)
+            if not n_params:
+                continue
+            choices, lam = allocate([group[n] for n in names], bpw * n_params)
+            for name, c in zip(names, choices):
+                cand = group[name].candidates[c.candidate]
+                self.chosen[name] = (cand.options, float(cand.steps[c.step_index]))
+        self.report["linear_params"] = sum(c.n_params for c in self.curves.values())
+
+    # -- pass 2 -------------------------------------------------------------------------------------------------------
+    def encode(self, t: SourceTensor) -> Encoded:
+        if self.o.lossless:
+            dtype = "f32" if t.dtype == "quantized" else t.dtype
+            return PlanesCodec.encode(t.data if t.dtype != "quantized" else as_f32(t), dtype=dtype,
+                                      chunk_size=self.o.chunk_size)
+        if t.name in self.chosen:
+            opts, step = self.chosen[t.name]
+            return self._frame(as_f32(t), opts).encode(step, chunk_size=self.o.chunk_size)
+        if self.two_pass:
+            return RawCodec.encode(as_f32(t), dtype="f32")  # norms and biases: small, kept exact
+        dtype = self.o.dtype
+        if dtype == "auto":
+            dtype = "f32" if t.dtype == "quantized" else t.dtype
+        if t.dtype == "bf16" and dtype != "bf16":
+            return RawCodec.encode(as_f32(t), dtype=dtype)
+        return RawCodec.encode(t.data, dtype=dtype)
