@@ -4,6 +4,7 @@
     occrt generate MODEL.occ [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     occrt inspect MODEL.occ [--json]
     occrt verify MODEL.occ [--json]
+    occrt analyze SRC [--tensors PATTERN] [--plot OUT.png] [--json]
 
 Errors a user can act on (bad file, unsupported model, bad flag value) print as one line and exit with status 2.
 """
@@ -104,6 +105,25 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from occrt.analyze import analyze, plot, render
+
+    report = analyze(args.src, pattern=args.tensors, rel_error=args.rel_error, seed=args.seed,
+                     ranks=None if args.no_codec else tuple(args.ranks), histograms=args.plot is not None,
+                     log=(lambda msg: print(msg, file=sys.stderr)) if args.verbose else None)
+    if not report.tensors:
+        raise OccError(f"{args.src}: no 2-D tensor matches {args.tensors!r}" if args.tensors
+                       else f"{args.src}: no 2-D tensors")
+    if args.plot:
+        plot(report, args.plot)
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render(report))
+    return 0
+
+
 def _open(path: str):
     from occrt.format.reader import OccFile
 
@@ -168,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("model", help="a .occ file")
     v.add_argument("--json", action="store_true", help="machine-readable summary")
     v.set_defaults(run=_verify)
+
+    a = sub.add_parser("analyze", help="each weight matrix in three coordinate systems (original axes, random "
+                       "Hadamard rotation, singular basis): energy, max/rms, kurtosis, effective dimension, bits")
+    a.add_argument("src", help="a .occ file, checkpoint directory or .gguf file")
+    a.add_argument("--tensors", metavar="PATTERN", help="only tensors whose name matches this glob, "
+                   "e.g. 'model.layers.0.*'")
+    a.add_argument("--rel-error", type=_probability, default=0.01,
+                   help="the bits are measured at RMS error = this fraction of each tensor's RMS (default: 0.01)")
+    a.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the rotations (default: 0)")
+    a.add_argument("--ranks", type=_rank_list, default=[0, 1, 4, 16, 64],
+                   help="structural ranks the codec-frame search tries (default: 0,1,4,16,64)")
+    a.add_argument("--no-codec", action="store_true", help="skip the codec-frame search (faster)")
+    a.add_argument("--plot", metavar="OUT.png", help="write a figure of the distributions and the summary")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument("-v", "--verbose", action="store_true", help="log each tensor to stderr")
+    a.set_defaults(run=_analyze)
     return p
 
 
