@@ -64,7 +64,8 @@ KINDS = ("q", "k", "v", "o", "gate", "up", "down", "embedding", "lm_head", "othe
 DEFAULT_RANKS = (0, 1, 4, 16, 64)  # structural ranks the codec-frame search tries (as `occrt convert --ranks`)
 SEARCH_SAMPLE = 1 << 18  # coefficients the step search looks at (the error is a mean: a subset estimates it well)
 STEP_RESOLUTION = 16  # the step grid is rms · 2^(k / 16) before the final bisection
-HIST_BINS = 121
+HIST_BINS = 70
+HIST_FLOOR = 1e-2  # smallest |coefficient| / rms the histograms resolve (log-spaced bins from here)
 
 _PROJ = re.compile(r"(?:^|\.)(q|k|v|o|gate|up|down)_proj\.weight$")
 
@@ -305,11 +306,11 @@ class TensorAnalysis:
                 "codec": None if self.codec is None else self.codec.to_json()}
 
 
-def _hist(c: np.ndarray, rms: float, lim: float, n_total: int) -> tuple[np.ndarray, np.ndarray]:
-    """Density of c / rms over [-lim, lim], normalized by n_total (implicit zeros count in the total, not in a bin)."""
-    edges = np.linspace(-lim, lim, HIST_BINS + 1)
-    counts, _ = np.histogram(np.asarray(c, np.float64).reshape(-1) / rms, bins=edges)
-    return edges, counts / (n_total * (edges[1] - edges[0]))
+def _hist(c: np.ndarray, rms: float, edges: np.ndarray, n_total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Density of |c| / rms on the (log-spaced) bin edges, normalized by n_total: implicit zeros count in the total,
+    in no bin, so the three regimes' curves are on one scale."""
+    counts, _ = np.histogram(np.abs(np.asarray(c, np.float64).reshape(-1)) / rms, bins=edges)
+    return edges, counts / (n_total * np.diff(edges))
 
 
 def analyze_matrix(w: np.ndarray, *, name: str = "", rel_error: float = 0.01, seed: int = 0,
@@ -328,12 +329,9 @@ def analyze_matrix(w: np.ndarray, *, name: str = "", rel_error: float = 0.01, se
                for k, c in coefficients.items()}
     hist = {}
     if histograms and rms_w > 0:
-        lim = max(regimes["original"].max_over_rms, regimes["rotated"].max_over_rms) * 1.02
-        hist = {k: _hist(c, rms_w, lim, n) for k, c in coefficients.items() if k != "aligned"}
-        lim_a = regimes["aligned"].max_over_rms * 1.02
-        edges = np.linspace(0.0, lim_a, HIST_BINS + 1)
-        counts, _ = np.histogram(svd[1] / rms_w, bins=edges)
-        hist["aligned"] = (edges, counts / (n * (edges[1] - edges[0])))
+        top = max(r.max_over_rms for r in regimes.values()) * 1.05
+        edges = np.geomspace(HIST_FLOOR, top, HIST_BINS + 1)
+        hist = {k: _hist(c, rms_w, edges, n) for k, c in coefficients.items()}
     codec = None if ranks is None else codec_choice(w, svd, rel_error=rel_error, rms_w=rms_w, seed=seed,
                                                     ranks=ranks, rng=rng)
     return TensorAnalysis(name=name, kind=layer_kind(name), shape=(int(w.shape[0]), int(w.shape[1])),
@@ -497,7 +495,7 @@ def _pick(report: Report, k: int) -> list[TensorAnalysis]:
 
 
 def plot(report: Report, out: str) -> None:
-    """Log-density histograms of c / rms(W) in the three regimes for one tensor per layer type, and the summary.
+    """Log-log density histograms of |c| / rms(W) in the three regimes for one tensor per layer type, and the summary.
 
     The tensors must have been analyzed with histograms=True."""
     import matplotlib
@@ -517,7 +515,7 @@ def plot(report: Report, out: str) -> None:
         ax.set_visible(True)
         for reg in REGIMES:
             edges, dens = t.hist[reg]
-            mid = 0.5 * (edges[1:] + edges[:-1])
+            mid = np.sqrt(edges[1:] * edges[:-1])
             keep = dens > 0
             st = t.regimes[reg]
             label = f"{_ABBR[reg]}: kurt {_fmt(st.excess_kurtosis, '.1f')}, {st.bits:.2f} b"
@@ -525,11 +523,12 @@ def plot(report: Report, out: str) -> None:
                 label = f"align (s_i; +{t.n_params - t.rank_bound:,} zeros): {st.bits:.3f} b"
                 ax.plot(mid[keep], dens[keep], "o", ms=2.5, color=colors[reg], label=label)
             else:
-                ax.step(mid[keep], dens[keep], where="mid", color=colors[reg], lw=1, label=label)
+                ax.plot(mid[keep], dens[keep], "-", color=colors[reg], lw=1, label=label)
         ax.set_yscale("log")
-        ax.set_xscale("symlog", linthresh=4)
+        ax.set_xscale("log")
         ax.set_title(f"{t.name.replace('model.', '')} {t.shape[0]}x{t.shape[1]}", fontsize=8)
-        ax.set_xlabel("coefficient / rms(W)", fontsize=7)
+        ax.set_xlabel("|coefficient| / rms(W)", fontsize=7)
+        ax.set_ylabel("density (per weight)", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=5.5, loc="upper right")
     kinds = [s["kind"] for s in summary]
