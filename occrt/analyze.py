@@ -41,6 +41,9 @@ blocks and removes it). benchmarks/analyze_smollm2.md measures how much it matte
 Per layer type (q, k, v, o, gate, up, down, embedding, lm_head) the summary gives the medians over the tensors of the
 distribution measures and the parameter-weighted mean of the bits (total bits / total weights).
 
+Cost: one thin SVD per matrix plus ~20 quantizer passes per regime and codec frame (SmolLM2-135M: ~2 min on one
+core). On a shared machine set OPENBLAS_NUM_THREADS=1: contended BLAS threads made the same run take 21 min.
+
 numpy only at import; matplotlib is imported by `plot` alone.
 """
 from __future__ import annotations
