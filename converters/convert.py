@@ -80,6 +80,18 @@ def _checked_tensors(source: Source, expected: dict[str, tuple[int, ...]]) -> It
 def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, log) -> dict[str, Any]:
     cfg = source.config
     expected = llama_tensor_shapes(cfg)
+    if options.calib is not None:
+        from occrt.converters.calibrate import calibrate
+
+        try:
+            with open(options.calib, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConversionError(f"--calib {options.calib}: {e}") from None
+        started = time.monotonic()
+        calibration = calibrate(source, text, n_tokens=options.calib_tokens, log=log)
+        policy.use_calibration(calibration)
+        log(f"calibration: {calibration.tokens} tokens in {time.monotonic() - started:.1f} s")
     if policy.two_pass:
         started = time.monotonic()
         for t in _checked_tensors(source, expected):

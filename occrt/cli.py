@@ -22,7 +22,7 @@ def _convert(args: argparse.Namespace) -> int:
     from occrt.converters.convert import ConvertOptions, convert
     options = ConvertOptions(dtype=args.dtype, overwrite=args.force, bpw=args.bpw, lossless=args.lossless,
                              rotate=args.rotate, ranks=tuple(args.ranks), embed_bpw=args.embed_bpw,
-                             seed=args.seed)
+                             seed=args.seed, calib=args.calib, calib_tokens=args.calib_tokens)
     convert(args.src, args.output, options)
     return 0
 
@@ -149,9 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compress the linear layers to this many bits per weight on average (ecsq codec)")
     mode.add_argument("--lossless", action="store_true",
                       help="entropy-code every tensor exactly (planes codec)")
-    c.add_argument("--rotate", choices=("none", "in", "out", "both"), default="none",
+    c.add_argument("--rotate", choices=("none", "in", "out", "both"), default=None,
                    help="with --bpw: randomized Hadamard rotation of the linear weights' input/output coordinates "
-                        "(default: none, which measured best on SmolLM2 without calibration)")
+                        "(default: 'in' with --calib, else 'none': what measured best on SmolLM2)")
+    c.add_argument("--calib", metavar="FILE", default=None,
+                   help="with --bpw: calibration text; rounds with error feedback and weights the bit allocation "
+                        "by each tensor's loss sensitivity")
+    c.add_argument("--calib-tokens", type=_positive_int, default=8192,
+                   help="tokens of the calibration text to use (default: 8192)")
     c.add_argument("--ranks", type=_rank_list, default=[0],
                    help="with --bpw: structural ranks the rate control may choose per tensor, e.g. 0,8,32 "
                         "(default: 0)")

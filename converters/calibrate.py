@@ -1,0 +1,127 @@
+"""Calibration: what the model's linear layers see on real text, and how much the loss cares about each weight.
+
+From a calibration text (`occrt convert --calib FILE`), in windows of `ctx` tokens with BOS prepended:
+
+  - H = E[x xᵀ] for the input of every linear layer, one per input space (q/k/v share theirs, gate/up theirs): the
+    Hessian of the layer's output error, used by error-feedback rounding (converters/gptq.py);
+  - F_t = mean over tensor t's entries of E[(∂L/∂w)²], the empirical Fisher diagonal averaged per tensor: the
+    loss's sensitivity to t's weight error, used to weight each tensor's distortion in the rate allocation
+    (ΔL ≈ ½ Σ F_ij e_ij², so D_t = F_t ‖E_t‖²; equal slopes then scale t's step by 1/√F_t).
+
+Both come from one forward and backward pass per window of a float32 copy of the model in torch (transformers'
+implementation of the architecture, built from the source's tensors) -- conversion may use torch; the runtime
+never does. Memory: the model in float32 plus the H matrices (one n_in × n_in float64 matrix per input space).
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from occrt.converters.source import Source
+from occrt.errors import ConversionError
+from occrt.model.config import ModelConfig
+
+DEFAULT_TOKENS = 8192
+# tensor name suffix -> input space suffix (projections reading the same activation share one H)
+_SPACE = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
+          "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in", "mlp.down_proj": "down_in"}
+_LINEAR = re.compile(r"(model\.layers\.\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight")
+_HOOKED = {"self_attn.q_proj": "attn_in", "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in",
+           "mlp.down_proj": "down_in"}
+
+
+@dataclass
+class Calibration:
+    tokens: int
+    hessians: dict[str, np.ndarray]  # "model.layers.{i}.{space}" -> (n_in, n_in) float64, E[x xᵀ]
+    fisher: dict[str, float]  # tensor name -> mean squared gradient of its entries
+
+    def hessian_for(self, tensor_name: str) -> np.ndarray | None:
+        m = _LINEAR.fullmatch(tensor_name)
+        return None if m is None else self.hessians.get(f"{m.group(1)}.{_SPACE[m.group(2)]}")
+
+
+def hf_llama_config(cfg: ModelConfig) -> dict:
+    """A transformers LlamaConfig for `cfg` (rope frequencies are set on the module afterwards, for every rope type)."""
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+                max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+                attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias, hidden_act=cfg.hidden_act,
+                rope_theta=float(cfg.rope["theta"]))
+
+
+def calibration_windows(source: Source, text: str, *, n_tokens: int, ctx: int) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(source.tokenizer.tokenizer_json.decode("utf-8"))
+    ids = tok.encode(text[: 64 * n_tokens], add_special_tokens=False).ids[:n_tokens]
+    if len(ids) < 16:
+        raise ConversionError(f"the calibration text has only {len(ids)} tokens; give at least a few hundred")
+    bos = source.tokenizer.bos_token_id
+    return [([bos] if bos is not None else []) + ids[s:s + ctx] for s in range(0, len(ids), ctx)]
+
+
+def calibrate(source: Source, text: str, *, n_tokens: int = DEFAULT_TOKENS, ctx: int = 512,
+              log: Callable[[str], None] = lambda msg: None) -> Calibration:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from occrt.converters.policy import as_f32
+    from occrt.model.rope import inverse_frequencies
+
+    cfg = source.config
+    started = time.monotonic()
+    windows = calibration_windows(source, text, n_tokens=n_tokens, ctx=ctx)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**hf_llama_config(cfg)))
+    state = {t.name: torch.from_numpy(np.ascontiguousarray(as_f32(t))) for t in source.tensors()}
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ConversionError(f"calibration model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    inv_freq, scaling = inverse_frequencies(cfg.rope, cfg.head_dim)
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = torch.from_numpy(inv_freq.copy())
+    rotary.original_inv_freq = rotary.inv_freq
+    rotary.attention_scaling = scaling
+    model.float().eval()
+
+    hessians: dict[str, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for module_name, space in _HOOKED.items():
+            module = layer.get_submodule(module_name)
+            key = f"model.layers.{i}.{space}"
+
+            def hook(mod, args, output, key=key):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, n_in)
+                hessians[key] = hessians.get(key, 0) + x.T @ x
+
+            hooks.append(module.register_forward_hook(hook))
+    weights = {n: p for n, p in model.named_parameters() if n.startswith("model.layers.") and n.endswith(
+        "_proj.weight")}
+    fisher = {n: torch.zeros((), dtype=torch.float64) for n in weights}
+    n_tokens_seen = n_grads = 0
+    for k, window in enumerate(windows):
+        ids = torch.tensor([window])
+        model.zero_grad(set_to_none=True)
+        logits = model(ids).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+        nll.backward()
+        for n, p in weights.items():
+            fisher[n] += (p.grad.double() ** 2).mean()
+        n_grads += 1
+        n_tokens_seen += ids.shape[1]
+        log(f"calibration: window {k + 1}/{len(windows)} ({time.monotonic() - started:.0f} s)")
+    for h in hooks:
+        h.remove()
+    return Calibration(tokens=n_tokens_seen,
+                       hessians={k: (v / n_tokens_seen).numpy() for k, v in hessians.items()},
+                       fisher={n: float(v) / n_grads for n, v in fisher.items()})
