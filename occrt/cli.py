@@ -80,6 +80,45 @@ def _chat(model, args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import os
+
+    from occrt.evaluate import occ_scorer, perplexity, transformers_scorer
+
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    if os.path.isfile(args.model) and open(args.model, "rb").read(4) == b"\x89OCC":
+        import occrt
+
+        model = occrt.load(args.model)
+        score, bos = occ_scorer(model), model.tokenizer.bos_token_id
+        encode = lambda t: model.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+        engine = "occrt"
+    else:
+        score, encode, bos = transformers_scorer(args.model)
+        engine = "transformers (float32 reference)"
+    # tokenize only as much text as the token budget needs (about 4 characters a token; 16 x margin)
+    budget = None if args.max_tokens is None else 16 * 4 * args.max_tokens
+    ids = encode(text if budget is None else text[:budget])
+    progress = _progress_bar("windows") if sys.stderr.isatty() or args.progress else None
+    result = perplexity(score, ids, bos=bos, ctx=args.ctx, max_tokens=args.max_tokens, progress=progress)
+    print(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens in {result.windows} windows of "
+          f"{result.ctx}, BOS prepended; {args.text}; {engine}: {args.model})")
+    return 0
+
+
+def _progress_bar(unit: str):
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // total
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from occrt.describe import describe, render
 
@@ -183,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     f.add_argument("name", choices=sorted(KNOWN_MODELS))
     f.set_defaults(run=_fetch)
+
+    e = sub.add_parser("eval", help="perplexity of a .occ file, or of a HF directory / GGUF file as the reference")
+    e.add_argument("model", help="a .occ file (occrt's runtime), or a HF checkpoint directory or GGUF file "
+                                 "(transformers, float32)")
+    e.add_argument("--text", required=True, help="a UTF-8 text file")
+    e.add_argument("--ctx", type=_positive_int, default=512, help="window length in tokens (default: 512)")
+    e.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="score only the first N tokens of the text (default: all)")
+    e.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
+    e.set_defaults(run=_eval)
 
     i = sub.add_parser("inspect", help="show a .occ file's header, metadata and tensors")
     i.add_argument("model", help="a .occ file")

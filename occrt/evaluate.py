@@ -68,3 +68,31 @@ def occ_scorer(model) -> Callable[[list[int]], np.ndarray]:
         return model.forward(np.asarray(tokens), cache, all_logits=True)
 
     return score
+
+
+def transformers_scorer(src: str):
+    """Score windows with transformers in float32 (the reference for a HF directory or GGUF file).
+
+    Returns (scorer, encode, bos): `encode(text)` gives token ids without special tokens, the same way
+    transformers' tokenizer does. Imports torch and transformers: used for references, never by the runtime.
+    """
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if os.path.isdir(src):
+        kw, where = {}, src
+    else:
+        kw, where = {"gguf_file": os.path.basename(src)}, os.path.dirname(os.path.abspath(src))
+    tok = AutoTokenizer.from_pretrained(where, **kw)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw).eval()
+
+    def score(tokens: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+    def encode(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False).input_ids
+
+    return score, encode, tok.bos_token_id

