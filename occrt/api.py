@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator, Sequence
 
-from occrt.errors import FormatError, OccError
+from occrt.errors import FormatError
 from occrt.format.reader import OccFile
 from occrt.generate import SamplingParams, generate_tokens, stream_text
 from occrt.model.config import ModelConfig
+from occrt.model.devices import DEVICES, torch_device  # noqa: F401 (DEVICES: the names `load` accepts)
 from occrt.tokenizer import Tokenizer
-
-DEVICES = ("cpu",)
 
 
 class Model:
@@ -79,15 +78,21 @@ class Model:
 
 
 def load(path: str | os.PathLike, *, device: str = "cpu") -> Model:
-    """Open a `.occ` file and make it ready to generate. Raises FormatError if the file is not valid."""
-    if device not in DEVICES:
-        raise OccError(f"device {device!r} is not supported (supported: {', '.join(DEVICES)})")
+    """Open a `.occ` file and make it ready to generate. Raises FormatError if the file is not valid.
+
+    `device`: "cpu" (numpy + numba, compact weights), "cuda" / "cuda:N" (torch on that GPU, from the same compact
+    weights; OccError if CUDA is not available), or "torch-cpu" (that torch path on the CPU)."""
+    on_torch = torch_device(device)
     occ = OccFile.open(path)
     try:
         config, tokenizer, defaults = check_model(occ)
         from occrt.model.loader import load_llama
 
         network = load_llama(occ, config)
+        if on_torch is not None:
+            from occrt.model.llama_torch import TorchLlama
+
+            network = TorchLlama.from_model(network, on_torch)
     except FormatError as e:
         occ.close()
         raise FormatError(e.reason, e.offset, path=os.fspath(path)) from None

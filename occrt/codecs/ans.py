@@ -609,51 +609,8 @@ LUT_BITS = 12  # the numba decoder's symbol lookup: 2^12 buckets of the 2^P slot
 
 @functools.cache
 def _numba_decode_chunk():
-    """Compile (once per process, on first use) the numba chunk decoder; it releases the GIL."""
-    import numba
-
-    @numba.njit(nogil=True)
-    def decode_chunk(words, cdf, lut, lut_shift, precision, lo, n_range, escapes, out):  # pragma: no cover (jit)
-        # words (W,) u4; cdf (M + 1,) u8; lut (2^LUT_BITS + 1,) i4; escapes (E,) i4; out (n,) i4.
-        # Returns (final state, words left, escapes used); used > E means the stream asked for one too many.
-        pos = words.shape[0]
-        x = np.uint64(0)
-        if pos > 0:
-            pos -= 1
-            x = np.uint64(words[pos])
-            if pos > 0:
-                pos -= 1
-                x = (x << np.uint64(32)) | np.uint64(words[pos])
-        p = np.uint64(precision)
-        mask = (np.uint64(1) << p) - np.uint64(1)
-        shift = np.uint64(lut_shift)
-        low = np.uint64(1) << np.uint64(32)
-        n_esc = escapes.shape[0]
-        e = 0
-        for i in range(out.shape[0]):
-            q = x & mask
-            j = q >> shift
-            a = np.int64(lut[j])
-            b = np.int64(lut[j + np.uint64(1)])
-            while a < b:  # largest a with cdf[a] <= q; the bucket bounds it, at most log2(M) steps
-                mid = (a + b + 1) >> 1
-                if cdf[mid] <= q:
-                    a = mid
-                else:
-                    b = mid - 1
-            c = cdf[a]
-            x = (x >> p) * (cdf[a + 1] - c) + (q - c)
-            if x < low and pos > 0:
-                pos -= 1
-                x = (x << np.uint64(32)) | np.uint64(words[pos])
-            if a == n_range:
-                if e == n_esc:
-                    return x, pos, e + 1
-                out[i] = escapes[e]
-                e += 1
-            else:
-                out[i] = lo + a
-        return x, pos, e
+    """The numba chunk decoder (it releases the GIL); imported on first use, so importing this module needs no numba."""
+    from occrt.kernels.ans_decode import decode_chunk
 
     return decode_chunk
 
@@ -738,20 +695,25 @@ def _available_cpus() -> int:
 
 
 def decode_symbols(block: bytes | bytearray | memoryview, *, n_symbols: int | None = None,
-                   threads: int | None = None, engine: str = "numba") -> np.ndarray:
+                   threads: int | None = None, engine: str = "numba", out: np.ndarray | None = None) -> np.ndarray:
     """Decode a block from `encode_symbols` to a (n_symbols,) int32 array.
 
     Everything is validated before it is used (format_spec/ans.md section 3); anything malformed raises
     `FormatError` with the byte offset inside the block. `n_symbols`, when given (the container knows the tensor's
     shape), must match the header. `threads`: chunks decoded at once (default: the CPU count; the numba engine
     releases the GIL). `engine`: "numba" (default) or "constriction" (single-threaded; used to cross-check).
+    `out`: decode into this C-contiguous (n_symbols,) int8, int16 or int32 array instead (returned; the runtime's
+    compact code arrays); every symbol the block can hold (`block_info`: `min_symbol`..`max_symbol`) must fit it.
     """
     if engine not in ("numba", "constriction"):
         raise ValueError(f"engine must be 'numba' or 'constriction', got {engine!r}")
     if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     blk = _parse(_as_bytes_view(block), expected_symbols=n_symbols)
-    out = np.empty(blk.n_symbols, dtype=np.int32)
+    if out is None:
+        out = np.empty(blk.n_symbols, dtype=np.int32)
+    else:
+        _check_out(out, blk)
     if engine == "numba":
         results = _decode_numba(blk, out, threads or _available_cpus())
     else:
@@ -766,14 +728,35 @@ def decode_symbols(block: bytes | bytearray | memoryview, *, n_symbols: int | No
     return out
 
 
+def _symbol_bounds(blk: _Block) -> tuple[int, int]:
+    """(min, max) over every value the block can decode to: its table range and its escaped values (0, 0 if empty)."""
+    values = ([blk.lo, blk.lo + blk.n_range - 1] if blk.n_range else []) + (
+        [int(blk.escapes.min()), int(blk.escapes.max())] if blk.escapes.size else [])
+    return (min(values), max(values)) if values else (0, 0)
+
+
+def _check_out(out: np.ndarray, blk: _Block) -> None:
+    if not isinstance(out, np.ndarray) or out.dtype not in (np.int8, np.int16, np.int32) or out.ndim != 1 \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be a writable C-contiguous 1-D int8, int16 or int32 array")
+    if out.size != blk.n_symbols:
+        raise ValueError(f"out holds {out.size} symbols, the block {blk.n_symbols}")
+    lo, hi = _symbol_bounds(blk)
+    info = np.iinfo(out.dtype)
+    if lo < info.min or hi > info.max:
+        raise ValueError(f"the block's symbols span [{lo}, {hi}], which {out.dtype} cannot hold")
+
+
 def block_info(block: bytes | bytearray | memoryview) -> dict:
-    """The header and table of a block, validated (for `occrt inspect` and tests)."""
+    """The header and table of a block, validated (for `occrt inspect`, the runtime's choice of code width, tests)."""
     blk = _parse(_as_bytes_view(block), expected_symbols=None)
+    lo, hi = _symbol_bounds(blk)
     return {"n_symbols": blk.n_symbols, "chunk_size": blk.chunk_size, "n_chunks": int(blk.index.size),
             "precision": blk.precision, "lo": blk.lo, "n_range": blk.n_range,
             "has_escape": blk.freqs.size > blk.n_range, "freqs": blk.freqs.copy(),
             "n_words": int(blk.index["n_words"].astype(np.int64).sum()),
-            "n_escapes": int(blk.escapes.size), "size": int(_as_bytes_view(block).size)}
+            "n_escapes": int(blk.escapes.size), "size": int(_as_bytes_view(block).size),
+            "min_symbol": lo, "max_symbol": hi}
 
 
 def ideal_bits(symbols: np.ndarray) -> float:

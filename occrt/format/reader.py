@@ -245,6 +245,21 @@ class OccFile:
             self._checked.add(key)
         return view
 
+    def release(self, entry: SectionEntry) -> None:
+        """Tell the OS this process no longer needs the section's pages (once a compressed tensor is decoded): they
+        leave the resident set, the page cache keeps them, and a later read faults them back in unchanged. Only
+        whole pages inside the section are released; a no-op where madvise is unavailable."""
+        if not isinstance(self._mm, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = -(-entry.offset // page) * page
+        stop = (entry.offset + entry.length) // page * page
+        if stop > start:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            except (OSError, ValueError):
+                pass  # advice only
+
     def blob(self, name: str) -> bytes:
         if name not in self.blobs:
             raise FormatError(f"no blob named {name!r} (has {sorted(self.blobs)})", path=self.path)

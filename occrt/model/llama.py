@@ -14,7 +14,9 @@ One forward step, top to bottom (shapes: T new tokens, D hidden, H query heads, 
         x = x + (silu(h Wgᵀ) ⊙ h Wuᵀ) Wdᵀ              # (T, D)
     logits = rmsnorm(x) * w_norm · Wheadᵀ              # (T, vocab)
 
-Linear layers are objects with `__call__(x (T, n_in)) -> (T, n_out)`, so compressed runtime forms plug in.
+Linear layers are objects with `__call__(x (T, n_in)) -> (T, n_out)` and `rows(ids)` (occrt/model/linear.py: the
+dense and the compact forms); the embedding is one of them (rows dequantized on lookup) and a tied head is the same
+object. q/k/v read one `Activation` and gate/up another, so an input rotation they share is computed once per step.
 """
 from __future__ import annotations
 
@@ -24,29 +26,19 @@ from typing import Protocol
 import numpy as np
 
 from occrt.model.config import ModelConfig
+from occrt.model.linear import Activation, DenseLinear
 from occrt.model.rope import Rotary
+
+__all__ = ["Activation", "DenseLinear", "KVCache", "LayerWeights", "Linear", "LlamaModel"]
 
 
 class Linear(Protocol):
     n_in: int
     n_out: int
 
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+    def __call__(self, x: np.ndarray | Activation) -> np.ndarray: ...
 
-
-class DenseLinear:
-    """y = x Wᵀ (+ b) with a float32 weight (n_out, n_in)."""
-
-    def __init__(self, w: np.ndarray, b: np.ndarray | None = None):
-        self.w = w  # (n_out, n_in) float32
-        self.b = b  # (n_out,) or None
-        self.n_out, self.n_in = w.shape
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = x @ self.w.T  # (T, n_out)
-        if self.b is not None:
-            y += self.b
-        return y
+    def rows(self, ids: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass
@@ -86,10 +78,10 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, *, embed: np.ndarray, layers: list[LayerWeights], norm: np.ndarray,
-                 head: Linear):
+    def __init__(self, cfg: ModelConfig, *, embed: Linear | np.ndarray, layers: list[LayerWeights],
+                 norm: np.ndarray, head: Linear):
         self.cfg = cfg
-        self.embed = embed  # (vocab, D) float32
+        self.embed = DenseLinear(embed) if isinstance(embed, np.ndarray) else embed  # (vocab, D): rows(tokens)
         self.layers = layers
         self.norm = norm  # (D,)
         self.head = head  # D -> vocab
@@ -110,10 +102,10 @@ class LlamaModel:
             raise ValueError(f"context of {start + t} tokens exceeds the cache capacity {cache.capacity}")
         if t == 0:
             raise ValueError("forward needs at least one token")
-        x = np.asarray(self.embed[tokens], dtype=np.float32)  # (T, D)
+        x = self.embed.rows(tokens)  # (T, D) float32
         h_, kv_, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
+            h = Activation(rms_norm(x, layer.input_norm, cfg.rms_norm_eps))  # read by q, k and v
             q = self.rotary.apply(layer.q(h).reshape(t, h_, d), start)  # (T, H, d)
             k = self.rotary.apply(layer.k(h).reshape(t, kv_, d), start)  # (T, KV, d)
             v = layer.v(h).reshape(t, kv_, d)
@@ -121,7 +113,7 @@ class LlamaModel:
             cache.v[i, :, start:start + t] = v.transpose(1, 0, 2)
             a = self._attention(q, cache.k[i, :, :start + t], cache.v[i, :, :start + t], start)  # (T, H·d)
             x = x + layer.o(a)
-            h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
+            h = Activation(rms_norm(x, layer.post_norm, cfg.rms_norm_eps))  # read by gate and up
             x = x + layer.down(silu(layer.gate(h)) * layer.up(h))
         cache.length = start + t
         if not all_logits:

@@ -1,0 +1,220 @@
+"""The CUDA path: the same forward pass as occrt/model/llama.py, in torch, from the same compact weights.
+
+`TorchLlama.from_model(model, device)` moves a loaded `LlamaModel` to a torch device: compact codes go over as they
+are (int8/int16 tensors, int4 still packed two per byte), with their row/column multipliers, structural factors and
+rotation specs; raw weights as float32 tensors. Per call, a compact layer computes
+
+    x_r = Q_in x (TorchHadamard, memoized per spec in the step's Activation);   x_b = b ⊙ x_r
+    y   = Q_outᵀ ((x_b Cᵀ) ⊙ m + (x_r Vᵀ) Uᵀ) + bias
+
+where x_b Cᵀ is a GEMM on codes widened to float32 a tile of rows at a time (a bounded scratch, never the whole
+float matrix). Everything is float32, so logits agree with the numpy runtime to float32 rounding. The tests run this
+module with torch on the CPU (device "torch-cpu" of `occrt.load`), so it is covered where no GPU is.
+
+torch is imported here only; the numpy runtime never imports this module.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from occrt.kernels.hadamard import TorchHadamard
+from occrt.model.config import ModelConfig
+from occrt.model.linear import Activation, DenseLinear, EcsqLinear
+from occrt.model.llama import LlamaModel
+from occrt.model.rope import Rotary
+
+TILE_ELEMENTS = 1 << 22  # codes widened to float32 per GEMM tile (16 MB)
+
+
+def _tensor(a: np.ndarray | None, device) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(np.array(a)).to(device)  # np.array: a writable copy
+
+
+def _input(x) -> Activation:
+    return x if isinstance(x, Activation) else Activation(x)
+
+
+class TorchDense:
+    def __init__(self, form: DenseLinear, device):
+        self.w = _tensor(np.asarray(form.w, dtype=np.float32), device)  # (n_out, n_in)
+        self.b = _tensor(form.b, device)
+        self.n_out, self.n_in = form.n_out, form.n_in
+
+    def __call__(self, x) -> torch.Tensor:
+        y = _input(x).x @ self.w.T
+        return y if self.b is None else y + self.b
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.w[ids]
+
+
+class TorchEcsq:
+    def __init__(self, form: EcsqLinear, device, hadamards: dict):
+        self.kind = form.kind
+        self.codes = _tensor(form.codes, device)  # (n_out, n_in) int8/16/32, or (n_out, ceil(n_in/2)) uint8 packed
+        self.n_out, self.n_in = form.n_out, form.n_in
+        self.m = _tensor(form.m, device)  # (n_out,)
+        self.col = _tensor(form.col, device)
+        self.u, self.v = _tensor(form.u, device), _tensor(form.v, device)
+        self.b = _tensor(form.b, device)
+        self.rot_in, self.rot_out = form.rot_in, form.rot_out
+        self._q_in = None if form.rot_in is None else hadamards.setdefault(form.rot_in,
+                                                                          TorchHadamard(form.rot_in, device))
+        self._q_out = None if form.rot_out is None else hadamards.setdefault(form.rot_out,
+                                                                            TorchHadamard(form.rot_out, device))
+        self._tile = max(1, TILE_ELEMENTS // max(self.n_in, 1))
+
+    def _dequantized(self, r0: int, r1: int) -> torch.Tensor:
+        """m ⊙ C[r0:r1] as float32 (rows, n_in)."""
+        c = self.codes[r0:r1]
+        if self.kind == "int4":
+            low = (c << 4).view(torch.int8) >> 4  # uint8 << 4 wraps: the low nibble at the top, then sign-extended
+            high = c.view(torch.int8) >> 4
+            c = torch.cat([low, high], dim=1)[:, :self.n_in]
+        return c.to(torch.float32) * self.m[r0:r1, None]
+
+    def __call__(self, x) -> torch.Tensor:
+        act = _input(x)
+        x_r = act.x if self._q_in is None else act.rotated(self.rot_in, self._q_in.rotate)  # (T, n_in)
+        x_b = x_r if self.col is None else x_r * self.col
+        y = torch.cat([x_b @ self._dequantized(r0, min(r0 + self._tile, self.n_out)).T
+                       for r0 in range(0, self.n_out, self._tile)], dim=1)  # (T, n_out)
+        if self.u is not None:
+            y = y + (x_r @ self.v.T) @ self.u.T
+        if self._q_out is not None:
+            y = self._q_out.unrotate(y)
+        return y if self.b is None else y + self.b
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._q_out is not None:  # W[i] = (Q_out e_i)ᵀ W_r Q_in: a dense combination of all rows
+            e = torch.zeros((ids.shape[0], self.n_out), dtype=torch.float32, device=ids.device)
+            e[torch.arange(ids.shape[0], device=ids.device), ids] = 1.0
+            e = self._q_out.rotate(e)
+            w_r = sum(e[:, r0:r0 + self._tile] @ self._dequantized(r0, min(r0 + self._tile, self.n_out))
+                      for r0 in range(0, self.n_out, self._tile))
+            low_rank = None if self.u is None else (e @ self.u) @ self.v
+        else:
+            c = self.codes[ids]
+            if self.kind == "int4":
+                c = torch.cat([(c << 4).view(torch.int8) >> 4, c.view(torch.int8) >> 4], dim=1)[:, :self.n_in]
+            w_r = c.to(torch.float32) * self.m[ids, None]
+            low_rank = None if self.u is None else self.u[ids] @ self.v
+        if self.col is not None:
+            w_r = w_r * self.col
+        if low_rank is not None:
+            w_r = w_r + low_rank
+        return w_r if self._q_in is None else self._q_in.unrotate(w_r)
+
+
+def torch_form(form: Any, device, hadamards: dict):
+    if isinstance(form, EcsqLinear):
+        return TorchEcsq(form, device, hadamards)
+    if isinstance(form, DenseLinear):
+        return TorchDense(form, device)
+    raise TypeError(f"no torch form for {type(form).__name__}")
+
+
+class TorchKVCache:
+    """Keys and values of every layer for positions [0, capacity), allocated once on the device."""
+
+    def __init__(self, cfg: ModelConfig, capacity: int, device):
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=torch.float32, device=device)  # (L, KV, S_max, d)
+        self.v = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.capacity = capacity
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class TorchLlama:
+    """`LlamaModel`'s interface (new_cache, forward -> numpy logits) running on a torch device."""
+
+    def __init__(self, cfg: ModelConfig, *, embed, layers: list[dict], norm: torch.Tensor, head, device):
+        self.cfg, self.embed, self.layers, self.norm, self.head = cfg, embed, layers, norm, head
+        self.device = torch.device(device)
+        self.rotary = Rotary(cfg.rope, cfg.head_dim)
+        self._cos = self._sin = torch.empty((0, cfg.head_dim))
+        self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
+
+    @classmethod
+    def from_model(cls, model: LlamaModel, device) -> "TorchLlama":
+        hadamards: dict = {}  # spec -> TorchHadamard, shared by the layers of one input space
+        forms: dict[int, Any] = {}  # id(numpy form) -> torch form: a tied head stays the embedding's object
+
+        def conv(form):
+            if id(form) not in forms:
+                forms[id(form)] = torch_form(form, device, hadamards)
+            return forms[id(form)]
+
+        layers = [{"input_norm": _tensor(lw.input_norm, device), "post_norm": _tensor(lw.post_norm, device),
+                   **{n: conv(getattr(lw, n)) for n in ("q", "k", "v", "o", "gate", "up", "down")}}
+                  for lw in model.layers]
+        return cls(model.cfg, embed=conv(model.embed), layers=layers, norm=_tensor(model.norm, device),
+                   head=conv(model.head), device=device)
+
+    def new_cache(self, capacity: int) -> TorchKVCache:
+        capacity = min(capacity, self.cfg.max_position_embeddings)
+        self.rotary.ensure(capacity)
+        if self._cos.shape[0] < self.rotary.cos.shape[0]:
+            self._cos = torch.from_numpy(self.rotary.cos).to(self.device)  # (positions, d)
+            self._sin = torch.from_numpy(self.rotary.sin).to(self.device)
+        return TorchKVCache(self.cfg, capacity, self.device)
+
+    def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        variance = (x * x).mean(dim=-1, keepdim=True)
+        return x / torch.sqrt(variance + self.cfg.rms_norm_eps) * w
+
+    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x (T, heads, d), rotate-half convention as occrt.model.rope."""
+        t, half = x.shape[0], x.shape[-1] // 2
+        cos = self._cos[start:start + t, None, :]
+        sin = self._sin[start:start + t, None, :]
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    @torch.no_grad()
+    def forward(self, tokens, cache: TorchKVCache, *, all_logits: bool = False) -> np.ndarray:
+        cfg = self.cfg
+        tokens = np.asarray(tokens, dtype=np.int64)
+        t = tokens.shape[0]
+        start = cache.length
+        if start + t > cache.capacity:
+            raise ValueError(f"context of {start + t} tokens exceeds the cache capacity {cache.capacity}")
+        if t == 0:
+            raise ValueError("forward needs at least one token")
+        h_, kv_, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        x = self.embed.rows(torch.from_numpy(tokens).to(self.device))  # (T, D)
+        for i, layer in enumerate(self.layers):
+            h = Activation(self._rms_norm(x, layer["input_norm"]))
+            q = self._rope(layer["q"](h).reshape(t, h_, d), start)  # (T, H, d)
+            k = self._rope(layer["k"](h).reshape(t, kv_, d), start)  # (T, KV, d)
+            v = layer["v"](h).reshape(t, kv_, d)
+            cache.k[i, :, start:start + t] = k.transpose(0, 1)
+            cache.v[i, :, start:start + t] = v.transpose(0, 1)
+            a = self._attention(q, cache.k[i, :, :start + t], cache.v[i, :, :start + t], start)  # (T, H·d)
+            x = x + layer["o"](a)
+            h = Activation(self._rms_norm(x, layer["post_norm"]))
+            g = layer["gate"](h)
+            x = x + layer["down"](g * torch.sigmoid(g) * layer["up"](h))
+        cache.length = start + t
+        if not all_logits:
+            x = x[-1:]
+        logits = self.head(self._rms_norm(x, self.norm)).float().cpu().numpy()  # (T or 1, vocab)
+        return logits if all_logits else logits[0]
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        t, n_heads, d = q.shape
+        n_kv, s = k.shape[0], k.shape[1]
+        qg = q.reshape(t, n_kv, n_heads // n_kv, d).permute(1, 2, 0, 3)  # (KV, G, T, d)
+        scores = (qg @ k[:, None].transpose(-1, -2)) * self.scale  # (KV, G, T, S)
+        if t > 1:
+            pos = torch.arange(s, device=q.device)[None, :]
+            mask = pos > (start + torch.arange(t, device=q.device))[:, None]  # (T, S)
+            scores = scores.masked_fill(mask, float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        out = p @ v[:, None]  # (KV, G, T, d)
+        return out.permute(2, 0, 1, 3).reshape(t, n_heads * d)
