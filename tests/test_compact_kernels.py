@@ -94,6 +94,7 @@ ENTRY_POINTS = {
                 "qgemm_parallel", "qgemm_i4", "qgemm_i4_parallel", "dequantize_rows", "dequantize_rows_i4"],
     "ans_decode": ["decode_chunk"],
     "hadamard": ["_apply_vec", "_apply_rows"],
+    "layers": ["add_rms_norm", "rope_and_cache", "attention", "silu_mul"],
 }
 
 

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from occrt.kernels import layers as kernels
 from occrt.model.config import ModelConfig
 from occrt.model.linear import Activation, DenseLinear
 from occrt.model.rope import Rotary
@@ -77,6 +78,11 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1) + np.exp(-x))
 
 
+def _rows(y: np.ndarray) -> np.ndarray:
+    """A linear layer's output as the kernels need it: C-contiguous float32 (a no-op for the runtime forms)."""
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, *, embed: Linear | np.ndarray, layers: list[LayerWeights],
                  norm: np.ndarray, head: Linear):
@@ -92,16 +98,52 @@ class LlamaModel:
         capacity = min(capacity, self.cfg.max_position_embeddings)
         return KVCache(self.cfg, capacity)
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
-        """Run `tokens` (T,) after the cache's contents. Returns logits (T, vocab) if all_logits else (vocab,)."""
-        cfg = self.cfg
+    def _check(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, int, int]:
         tokens = np.asarray(tokens, dtype=np.int64)
-        t = tokens.shape[0]
-        start = cache.length
+        t, start = tokens.shape[0], cache.length
         if start + t > cache.capacity:
             raise ValueError(f"context of {start + t} tokens exceeds the cache capacity {cache.capacity}")
         if t == 0:
             raise ValueError("forward needs at least one token")
+        return tokens, t, start
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+        """Run `tokens` (T,) after the cache's contents. Returns logits (T, vocab) if all_logits else (vocab,).
+
+        The steps between the matrix products run as numba kernels (occrt.kernels.layers); `reference_forward` is
+        the same computation in numpy. The residual stream x is updated in place; each norm feeds the next layers."""
+        cfg = self.cfg
+        tokens, t, start = self._check(tokens, cache)
+        h_, kv_, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        eps = np.float32(cfg.rms_norm_eps)
+        self.rotary.ensure(start + t)
+        x = np.ascontiguousarray(self.embed.rows(tokens), dtype=np.float32)  # (T, D) the residual stream
+        h = np.empty_like(x)
+        kernels.add_rms_norm(x, x[:0], self.layers[0].input_norm, eps, h)
+        for i, layer in enumerate(self.layers):
+            act = Activation(h)  # read by q, k and v
+            q = _rows(layer.q(act)).reshape(t, h_, d)  # (T, H, d)
+            k = _rows(layer.k(act)).reshape(t, kv_, d)  # (T, KV, d)
+            v = _rows(layer.v(act)).reshape(t, kv_, d)
+            kernels.rope_and_cache(q, k, v, self.rotary.cos, self.rotary.sin, start, cache.k[i], cache.v[i])
+            a = np.empty((t, h_ * d), dtype=np.float32)  # (T, H·d)
+            kernels.attention(q, cache.k[i], cache.v[i], start, self.scale, a)
+            h = np.empty_like(x)
+            kernels.add_rms_norm(x, _rows(layer.o(a)), layer.post_norm, eps, h)  # x += o(a)
+            act = Activation(h)  # read by gate and up
+            g = _rows(layer.gate(act))  # (T, F)
+            kernels.silu_mul(g, _rows(layer.up(act)))
+            h = np.empty_like(x)
+            norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            kernels.add_rms_norm(x, _rows(layer.down(g)), norm, eps, h)  # x += down(...), h = next norm
+        cache.length = start + t
+        logits = self.head(h if all_logits else h[-1:])  # (T or 1, vocab)
+        return logits if all_logits else logits[0]
+
+    def reference_forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+        """`forward` in plain numpy (the reference its kernels are tested against)."""
+        cfg = self.cfg
+        tokens, t, start = self._check(tokens, cache)
         x = self.embed.rows(tokens)  # (T, D) float32
         h_, kv_, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         for i, layer in enumerate(self.layers):
