@@ -18,7 +18,7 @@ def describe(occ: OccFile) -> dict[str, Any]:
                 "bits_per_weight": 8 * e.length / e.n_elements if e.n_elements else 0.0}
         summarize = getattr(codec, "summarize", None)
         if summarize is not None:
-            info.update(summarize(e.params, e.shape))
+            info.update(summarize(e.params, e.shape, occ.payload(e)))
         tensors.append(info)
     return {
         "path": occ.path,

@@ -103,3 +103,23 @@ def test_impossible_budget_is_a_clear_error():
 def test_bad_options_are_refused(bad):
     with pytest.raises(ConversionError):
         Policy(CodingOptions(**bad))
+
+
+def test_inspect_reports_rank_step_entropy_and_error(wide_llama_dir, tmp_path, capsys):
+    import json
+
+    from occrt.cli import main
+
+    out = str(tmp_path / "m.occ")
+    convert(wide_llama_dir, out, ConvertOptions(bpw=3.0, rotate="in", ranks=(0, 8)), log=lambda m: None)
+    assert main(["inspect", out, "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["tensors"]}
+    lin = [r for n, r in rows.items() if n.endswith("_proj.weight")]
+    for r in lin:
+        assert r["codec"] == "ecsq" and r["rotation"] == "in" and r["rank"] in (0, 8)
+        # the codes' entropy under their table is below the record's bits per weight (which adds side data)
+        assert 0 < r["entropy"] <= r["bits_per_weight"] + 1e-9
+        # uniform rounding: RMS error step/√12 (no scales on linear layers)
+        assert r["est_rms_error"] == pytest.approx(r["step"] / 12 ** 0.5)
+    assert main(["inspect", out]) == 0
+    assert "est_rms_error" in capsys.readouterr().out

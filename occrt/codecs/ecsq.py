@@ -127,9 +127,23 @@ class EcsqCodec(Codec):
                             col_scales=col_scales)
         return frame.encode(step, chunk_size=chunk_size)
 
-    def summarize(self, params: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
+    def summarize(self, params: dict[str, Any], shape: tuple[int, ...], payload: memoryview) -> dict[str, Any]:
+        """For `occrt inspect`: rank, step, rotations, the codes' entropy under the stored table (bits per code),
+        and the estimated RMS error, Δ·rms(a)·rms(b)/√12 (uniform rounding error; error feedback moves it a little)."""
+        n_out, n_in = shape
+        layout = Layout.of(n_out, n_in, params)
+        buf = np.frombuffer(payload, dtype=np.uint8)
+        info = ans.block_info(buf[layout.codes:])
+        freqs = info["freqs"].astype(np.float64)
+        p = freqs / freqs.sum()
+        entropy = float(-(p * np.log2(p)).sum())  # bits per code if the codes follow the table (escapes excluded)
+        rms = float(params["step"]) / math.sqrt(12)
+        for part in (layout.row_scales, layout.col_scales):
+            if part is not None:
+                rms *= float(np.sqrt(np.mean(_f16(buf, part).astype(np.float64) ** 2)))
         return {"rank": params["rank"], "step": params["step"],
-                "rotation": "+".join(k[4:] for k in ("rot_in", "rot_out") if params[k]) or "none"}
+                "rotation": "+".join(k[4:] for k in ("rot_in", "rot_out") if params[k]) or "none",
+                "entropy": entropy, "est_rms_error": rms}
 
     def examples(self) -> list[Encoded]:
         rng = np.random.default_rng(0)
