@@ -83,6 +83,9 @@ class OccFile:
         except FormatError as e:
             occ.close()
             raise FormatError(e.reason, e.offset, path=path) from None
+        # Validation read the header and every gap between sections; where the page cache holds the file in large
+        # folios, each read maps a whole folio (2 MB on ext4), i.e. most of the file. Nothing needs those pages now.
+        occ._release(0, size)
         return occ
 
     @classmethod
@@ -249,11 +252,22 @@ class OccFile:
         """Tell the OS this process no longer needs the section's pages (once a compressed tensor is decoded): they
         leave the resident set, the page cache keeps them, and a later read faults them back in unchanged. Only
         whole pages inside the section are released; a no-op where madvise is unavailable."""
+        self._release(entry.offset, entry.offset + entry.length)
+
+    def release_all(self, keep: "list[SectionEntry] | tuple[SectionEntry, ...]" = ()) -> None:
+        """`release` every page of the file outside the sections in `keep` (those still read through views)."""
+        pos = 0
+        for entry in sorted(keep, key=lambda e: e.offset):
+            self._release(pos, entry.offset)
+            pos = max(pos, entry.offset + entry.length)
+        self._release(pos, self.size)
+
+    def _release(self, begin: int, end: int) -> None:
         if not isinstance(self._mm, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
             return
         page = mmap.PAGESIZE
-        start = -(-entry.offset // page) * page
-        stop = (entry.offset + entry.length) // page * page
+        start = -(-begin // page) * page
+        stop = end // page * page
         if stop > start:
             try:
                 self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)

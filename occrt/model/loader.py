@@ -18,10 +18,6 @@ from occrt.model.config import ModelConfig
 from occrt.model.linear import FORMS, PARALLEL_MIN_WEIGHTS, DenseLinear, available_cpus
 from occrt.model.llama import LayerWeights, LlamaModel
 
-_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                "mlp.up_proj", "mlp.down_proj")
-
-
 def llama_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a Llama-family model needs, with its shape (the converter and the loader both check these)."""
     d_model, d_ff, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -63,14 +59,23 @@ def check_llama_tensors(occ: OccFile, cfg: ModelConfig) -> None:
                               path=occ.path)
 
 
+# Raw tensors below this size (norms, biases) are copied out of the mapping: reading a few bytes maps a whole
+# page-cache folio (up to 2 MB on ext4), so sixty norm vectors held as views could keep ~100 MB of the file resident.
+# Larger raw f32 tensors (weight matrices) stay zero-copy views of the file.
+RAW_COPY_MAX = 1 << 16
+
+
 def _f32(occ: OccFile, name: str) -> np.ndarray:
     a = occ.tensor(name)
-    return a if a.dtype == np.float32 else a.astype(np.float32)
+    if a.dtype != np.float32:
+        return a.astype(np.float32)
+    return a.copy() if occ.tensors[name].length < RAW_COPY_MAX else a
 
 
 def decode_forms(occ: OccFile, names: list[str], *, threads: int) -> dict[str, Any]:
-    """The runtime form of each named matrix. Raw tensors are views; the others are decoded on `threads` threads,
-    largest first; a tensor holding more than its share of the work also spreads its ANS chunks over threads."""
+    """The runtime form of each named matrix. Raw tensors are views; the others are decoded on `threads` threads in
+    file order (so the file's pages are read, and released, as one moving window); a tensor holding more than its
+    share of the work also spreads its ANS chunks over threads."""
     forms: dict[str, Any] = {}
     coded = []
     for name in names:
@@ -79,7 +84,7 @@ def decode_forms(occ: OccFile, names: list[str], *, threads: int) -> dict[str, A
             forms[name] = DenseLinear(_f32(occ, name))
         else:
             coded.append(name)
-    coded.sort(key=lambda n: -occ.tensors[n].n_elements)
+    coded.sort(key=lambda n: occ.tensors[n].offset)
     total = sum(occ.tensors[n].n_elements for n in coded)
 
     def one(name: str) -> Any:
@@ -100,9 +105,9 @@ def decode_forms(occ: OccFile, names: list[str], *, threads: int) -> dict[str, A
 
     if threads <= 1 or len(coded) <= 1:
         forms.update((name, one(name)) for name in coded)
-    else:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            forms.update(zip(coded, pool.map(one, coded)))
+        return forms
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        forms.update(zip(coded, pool.map(one, coded)))
     return forms
 
 
@@ -111,33 +116,36 @@ def load_llama(occ: OccFile, cfg: ModelConfig, *, threads: int | None = None,
     """The model in its runtime form. `threads`: decoding threads (default: every CPU this process may use).
     `parallel_kernels`: spread the rows of large matrices (>= linear.PARALLEL_MIN_WEIGHTS weights) over numba's
     threads when decoding a token (off by default: see linear.PARALLEL_MIN_WEIGHTS)."""
+    shapes = llama_tensor_shapes(cfg)
     check_llama_tensors(occ, cfg)
-    names = ["model.embed_tokens.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
-    names += [f"model.layers.{i}.{p}.weight" for i in range(cfg.num_hidden_layers) for p in _PROJECTIONS]
-    forms = decode_forms(occ, names, threads=threads or available_cpus())
+    views = [e for e in occ.tensors.values() if e.codec == 0 and e.dtype == "f32" and e.length >= RAW_COPY_MAX]
+    # vectors (norms, biases) first, then their pages released: the mapping is then only read by the decoders,
+    # whose window of pages moves through the file and is released behind them
+    vectors = {name: _f32(occ, name) for name, shape in shapes.items() if len(shape) == 1}
+    occ.release_all(keep=views)
+    matrices = [name for name, shape in shapes.items() if len(shape) == 2]
+    forms = decode_forms(occ, matrices, threads=threads or available_cpus())
+    occ.release_all(keep=views)
     if parallel_kernels:
         for form in forms.values():
             if hasattr(form, "parallel") and form.n_out * form.n_in >= PARALLEL_MIN_WEIGHTS:
                 form.parallel = True
 
-    def linear(prefix: str, with_bias: bool):
+    def linear(prefix: str):
         form = forms[prefix + ".weight"]
-        if with_bias:
-            form.b = _f32(occ, prefix + ".bias")
+        form.b = vectors.get(prefix + ".bias")
         return form
 
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        ab, mb = cfg.attention_bias, cfg.mlp_bias
         layers.append(LayerWeights(
-            input_norm=_f32(occ, p + "input_layernorm.weight"),
-            q=linear(p + "self_attn.q_proj", ab), k=linear(p + "self_attn.k_proj", ab),
-            v=linear(p + "self_attn.v_proj", ab), o=linear(p + "self_attn.o_proj", ab),
-            post_norm=_f32(occ, p + "post_attention_layernorm.weight"),
-            gate=linear(p + "mlp.gate_proj", mb), up=linear(p + "mlp.up_proj", mb),
-            down=linear(p + "mlp.down_proj", mb),
+            input_norm=vectors[p + "input_layernorm.weight"],
+            q=linear(p + "self_attn.q_proj"), k=linear(p + "self_attn.k_proj"),
+            v=linear(p + "self_attn.v_proj"), o=linear(p + "self_attn.o_proj"),
+            post_norm=vectors[p + "post_attention_layernorm.weight"],
+            gate=linear(p + "mlp.gate_proj"), up=linear(p + "mlp.up_proj"), down=linear(p + "mlp.down_proj"),
         ))
     embed = forms["model.embed_tokens.weight"]
-    head = embed if cfg.tie_word_embeddings else linear("lm_head", False)
-    return LlamaModel(cfg, embed=embed, layers=layers, norm=_f32(occ, "model.norm.weight"), head=head)
+    head = embed if cfg.tie_word_embeddings else linear("lm_head")
+    return LlamaModel(cfg, embed=embed, layers=layers, norm=vectors["model.norm.weight"], head=head)
