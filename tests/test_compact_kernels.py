@@ -93,7 +93,7 @@ ENTRY_POINTS = {
     "compact": ["pack_int4", "qmatmul", "qmatmul_parallel", "qmatmul_i4", "qmatmul_i4_parallel", "qgemm",
                 "qgemm_parallel", "qgemm_i4", "qgemm_i4_parallel", "dequantize_rows", "dequantize_rows_i4"],
     "ans_decode": ["decode_chunk"],
-    "hadamard": ["_apply_vec", "_apply_rows"],
+    "hadamard": ["_apply_vec", "_apply_rows", "_apply_rows_serial"],
     "layers": ["add_rms_norm", "rope_and_cache", "attention", "silu_mul"],
 }
 
@@ -138,3 +138,18 @@ def test_ans_empty_block_bounds():
     info = ans.block_info(block)
     assert (info["min_symbol"], info["max_symbol"]) == (0, 0)
     assert ans.decode_symbols(block, out=np.empty(0, np.int8)).size == 0
+
+
+@pytest.mark.parametrize("n", [64, 576, 1536, 100])
+def test_hadamard_rows_on_one_thread_match_the_reference(n):
+    """The runtime's rotations (HadamardKernel(parallel=False), rows on one thread) against the numpy reference."""
+    from occrt.codecs.rotation import RotationSpec, rotate
+    from occrt.kernels.hadamard import HadamardKernel
+
+    spec = RotationSpec(2, 5, n)
+    x = np.random.default_rng(n).standard_normal((9, n)).astype(np.float32)
+    k = HadamardKernel(spec, parallel=False)
+    y = k.rotate_(x.copy())
+    ref = rotate(x.astype(np.float64), spec)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert np.abs(k.unrotate_(y) - x).max() <= 1e-5 * np.abs(x).max()

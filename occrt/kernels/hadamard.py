@@ -124,15 +124,31 @@ def _apply_rows(X, inverse, perm, has_perm, sg, S, ST, h, starts, Ls, scales):
             _forward_row(X[r], w, tmp, perm, has_perm, sg, ST, h, starts, Ls, scales)
 
 
-class HadamardKernel:
-    """Q and Qᵀ of one spec, applied in place to float32 vectors (n,) or rows (..., n). Build once, call per token."""
+@njit(cache=True)
+def _apply_rows_serial(X, inverse, perm, has_perm, sg, S, ST, h, starts, Ls, scales):
+    """`_apply_rows` on one thread."""
+    n = X.shape[1]
+    w = np.empty(n, dtype=np.float32)
+    tmp = np.empty(max(h, 1), dtype=np.float32)
+    for r in range(X.shape[0]):
+        if inverse:
+            _inverse_row(X[r], w, tmp, perm, has_perm, sg, S, h, starts, Ls, scales)
+        else:
+            _forward_row(X[r], w, tmp, perm, has_perm, sg, ST, h, starts, Ls, scales)
 
-    def __init__(self, spec: RotationSpec):
+
+class HadamardKernel:
+    """Q and Qᵀ of one spec, applied in place to float32 vectors (n,) or rows (..., n). Build once, call per token.
+    `parallel`: spread rows over numba's threads from _ROWS_PARALLEL rows on (the runtime passes False: on a busy
+    machine a parallel region can wait milliseconds for a core, longer than rotating a prompt's rows on one)."""
+
+    def __init__(self, spec: RotationSpec, *, parallel: bool = True):
         pl = plan(spec)
         fz = pl.fz
         n = spec.n
         self.spec = spec
         self.n = n
+        self.parallel = parallel
         self.full = pl.full
         self.mixing_width = pl.mixing_width
         # writable copies: numba compiles separately for read-only arrays (the plan's are read-only)
@@ -167,11 +183,10 @@ class HadamardKernel:
             _apply_vec(x, inverse, *self._args())
             return x
         rows = x.reshape(-1, self.n)  # a view: x is contiguous
-        if rows.shape[0] < _ROWS_PARALLEL:
-            for r in range(rows.shape[0]):
-                _apply_vec(rows[r], inverse, *self._args())
-        else:
+        if self.parallel and rows.shape[0] >= _ROWS_PARALLEL:
             _apply_rows(rows, inverse, *self._args())
+        else:
+            _apply_rows_serial(rows, inverse, *self._args())
         return x
 
     def rotate_(self, x: np.ndarray) -> np.ndarray:

@@ -116,8 +116,8 @@ class EcsqLinear:
         self.col = col  # (n_in,) float32 or None
         self.u, self.v = u, v  # (n_out, r), (r, n_in) float32 or None
         self.rot_in, self.rot_out = rot_in, rot_out
-        self._q_in = None if rot_in is None else HadamardKernel(rot_in)
-        self._q_out = None if rot_out is None else HadamardKernel(rot_out)
+        self._q_in = None if rot_in is None else HadamardKernel(rot_in, parallel=False)
+        self._q_out = None if rot_out is None else HadamardKernel(rot_out, parallel=False)
         self.b = bias  # (n_out,) float32 or None
         self.parallel = False  # row-parallel decode kernel (set by the loader for large matrices, on request)
 
