@@ -1,20 +1,29 @@
-"""The Python API: `occrt.load(path)` -> `Model`, with `generate` and `chat`.
+"""The Python API: `occrt.load(path)` -> `Model`, with `generate`, `chat` and `complete`.
 
     model = occrt.load("smol.occ")
     print(model.generate("The capital of France is", max_new_tokens=16))
     for piece in model.chat([{"role": "user", "content": "Hi!"}], stream=True):
         print(piece, end="", flush=True)
+    done = model.complete("The capital of France is", max_new_tokens=16)   # Completion: text + token counts
+    print(done.text, done.prompt_tokens, done.completion_tokens, done.finish_reason)
 
 Everything the model needs (weights, config, tokenizer, chat template, generation defaults) comes from the file.
+
+Threads: a `Model` may be shared by several threads. Every forward step (a prompt's prefill, or one new token) runs
+under the model's lock, so concurrent requests are serialized step by step: they interleave token by token (each with
+its own KV cache and random generator, so a seed gives the same text whatever runs beside it), and a half-read stream
+holds no lock. There is no batching: n concurrent requests each run at about 1/n of the single-request speed.
 """
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Iterator, Sequence
 
+from occrt.completion import Completion, CompletionStream
 from occrt.errors import FormatError
 from occrt.format.reader import OccFile
-from occrt.generate import SamplingParams, generate_tokens, stream_text
+from occrt.generate import SamplingParams, generate_tokens
 from occrt.model.config import ModelConfig
 from occrt.model.devices import DEVICES, torch_device  # noqa: F401 (DEVICES: the names `load` accepts)
 from occrt.tokenizer import Tokenizer
@@ -28,40 +37,78 @@ class Model:
         self.config = config
         self.tokenizer = tokenizer
         self.generation_defaults = generation_defaults
+        self._lock = threading.Lock()  # held for one forward step at a time (see the module docstring)
+
+    @property
+    def context_length(self) -> int:
+        """Prompt and new tokens together fit in this many positions."""
+        return self.config.max_position_embeddings
 
     # -- low level --------------------------------------------------------------------------------------------------
     def new_cache(self, capacity: int):
         return self.network.new_cache(capacity)
 
     def forward(self, tokens, cache, *, all_logits: bool = False):
-        return self.network.forward(tokens, cache, all_logits=all_logits)
+        with self._lock:
+            return self.network.forward(tokens, cache, all_logits=all_logits)
 
     # -- text in, text out ----------------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: Sequence[str] = (), stream: bool = False,
                  add_special_tokens: bool = True) -> str | Iterator[str]:
-        """Continue `prompt` (text, or token ids). Returns the new text, or an iterator of pieces if `stream`."""
-        ids = (self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if isinstance(prompt, str)
-               else [int(t) for t in prompt])
-        pieces = self._pieces(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, stop=stop)
-        return pieces if stream else "".join(pieces)
+        """Continue `prompt` (text, or token ids). Returns the new text, or an iterator of pieces if `stream`
+        (a `CompletionStream`, which also counts tokens). `complete` returns the token counts with the text."""
+        result = self.complete(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, stop=stop, stream=stream,
+                               add_special_tokens=add_special_tokens)
+        return result if stream else result.text
 
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str | Iterator[str]:
         """Reply to a conversation ([{"role": "user", "content": ...}, ...]) using the model's chat template."""
+        return self.generate(self.chat_prompt_ids(messages), **kwargs)
+
+    def complete(self, prompt: str | Sequence[int], *, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop: Sequence[str] = (), stream: bool = False,
+                 add_special_tokens: bool = True) -> Completion | CompletionStream:
+        """Continue `prompt`; returns a `Completion` (text, prompt_tokens, completion_tokens, finish_reason "stop" or
+        "length"), or with `stream` a `CompletionStream` of text pieces whose counts are final once it is exhausted.
+
+        Options left as None take the file's generation defaults, then greedy decoding and 256 new tokens. Bad
+        options, an empty prompt or one that fills the context raise ValueError here, before any work."""
+        ids = (self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if isinstance(prompt, str)
+               else [int(t) for t in prompt])
+        if not ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if len(ids) >= self.context_length:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's context of "
+                             f"{self.context_length}")
+        n_new = self._default("max_new_tokens", max_new_tokens, 256)
+        if n_new < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {n_new}")
+        sampling = self._sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        # end-of-sequence tokens are passed through so that the stream can tell "stop" from "length"
+        tokens = generate_tokens(self, ids, max_new_tokens=n_new, sampling=sampling)
+        out = CompletionStream(self.tokenizer, tokens, prompt_tokens=len(ids),
+                               eos_token_ids=self.tokenizer.eos_token_ids, stop=stop)
+        return out if stream else out.completion
+
+    def complete_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Completion | CompletionStream:
+        """`complete` for a conversation, with the model's chat template."""
+        return self.complete(self.chat_prompt_ids(messages), **kwargs)
+
+    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The prompt's token ids for a conversation: the chat template with the generation prompt, tokenized as is
+        (the template writes any BOS itself)."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate(text, add_special_tokens=False, **kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def generate_ids(self, prompt_ids: Sequence[int], *, max_new_tokens: int | None = None, **sampling: Any
                      ) -> Iterator[int]:
-        return generate_tokens(self.network, prompt_ids,
+        return generate_tokens(self, prompt_ids,
                                max_new_tokens=self._default("max_new_tokens", max_new_tokens, 256),
                                sampling=self._sampling(**sampling), stop_token_ids=self.tokenizer.eos_token_ids)
-
-    def _pieces(self, ids: list[int], *, max_new_tokens, stop, **sampling) -> Iterator[str]:
-        tokens = self.generate_ids(ids, max_new_tokens=max_new_tokens, **sampling)
-        return stream_text(self.tokenizer, tokens, stop=stop)
 
     def _sampling(self, *, temperature=None, top_k=None, top_p=None, seed=None) -> SamplingParams:
         return SamplingParams(temperature=self._default("temperature", temperature, 0.0),
