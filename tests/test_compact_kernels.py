@@ -92,7 +92,7 @@ def test_dequantize_rows_matches_reference(kind):
 ENTRY_POINTS = {
     "compact": ["pack_int4", "qmatmul", "qmatmul_parallel", "qmatmul_i4", "qmatmul_i4_parallel", "qgemm",
                 "qgemm_parallel", "qgemm_i4", "qgemm_i4_parallel", "dequantize_rows", "dequantize_rows_i4"],
-    "ans_decode": ["decode_chunk"],
+    "ans_decode": ["decode_chunk", "decode_chunks"],
     "hadamard": ["_apply_vec", "_apply_rows", "_apply_rows_serial"],
     "layers": ["add_rms_norm", "rope_and_cache", "attention", "silu_mul"],
 }

@@ -608,11 +608,11 @@ LUT_BITS = 12  # the numba decoder's symbol lookup: 2^12 buckets of the 2^P slot
 
 
 @functools.cache
-def _numba_decode_chunk():
-    """The numba chunk decoder (it releases the GIL); imported on first use, so importing this module needs no numba."""
-    from occrt.kernels.ans_decode import decode_chunk
+def _numba_decoder():
+    """The numba decoder (it releases the GIL); imported on first use, so importing this module needs no numba."""
+    from occrt.kernels.ans_decode import decode_chunks
 
-    return decode_chunk
+    return decode_chunks
 
 
 def _lookup_table(cdf: np.ndarray, precision: int) -> tuple[np.ndarray, int]:
@@ -627,8 +627,11 @@ def _lookup_table(cdf: np.ndarray, precision: int) -> tuple[np.ndarray, int]:
     return lut, shift
 
 
+_LANES = 4  # chunks the numba kernel decodes interleaved: a thread's range of chunks is a multiple of this
+
+
 def _decode_numba(blk: _Block, out: np.ndarray, threads: int) -> list[tuple[int, int, int]]:
-    kernel = _numba_decode_chunk()
+    kernel = _numba_decoder()
     cdf = np.zeros(blk.freqs.size + 1, dtype=np.uint64)
     np.cumsum(blk.freqs, out=cdf[1:])
     lut, shift = _lookup_table(cdf, blk.precision)
@@ -638,21 +641,26 @@ def _decode_numba(blk: _Block, out: np.ndarray, threads: int) -> list[tuple[int,
         words.flags.writeable = False
     first_word = (blk.index["words_offset"].astype(np.int64) - blk.words_start) // 4
     n_words = blk.index["n_words"].astype(np.int64)
-    esc_start = np.cumsum(blk.index["n_escapes"].astype(np.int64)) - blk.index["n_escapes"]
-
-    def run(j: int) -> tuple[int, int, int]:
-        start = j * blk.chunk_size
-        w0, e0 = int(first_word[j]), int(esc_start[j])
-        x, left, used = kernel(words[w0:w0 + int(n_words[j])], cdf, lut, shift, blk.precision, blk.lo, blk.n_range,
-                               blk.escapes[e0:e0 + int(blk.index["n_escapes"][j])],
-                               out[start:start + int(blk.index["n_symbols"][j])])
-        return int(x), int(left), int(used)
-
+    n_symbols = blk.index["n_symbols"].astype(np.int64)
+    n_escapes = blk.index["n_escapes"].astype(np.int64)
+    first_escape = np.cumsum(n_escapes) - n_escapes
     n_chunks = blk.index.size
-    if threads <= 1 or n_chunks <= 1:
-        return [run(j) for j in range(n_chunks)]
-    with ThreadPoolExecutor(max_workers=min(threads, n_chunks)) as pool:
-        return list(pool.map(run, range(n_chunks)))
+    result = np.zeros((n_chunks, 3), dtype=np.uint64)
+
+    def run(c0: int, c1: int) -> None:
+        kernel(words, first_word, n_words, n_symbols, blk.escapes, first_escape, n_escapes, blk.chunk_size, cdf, lut,
+               shift, blk.precision, blk.lo, blk.n_range, out, c0, c1, result)
+
+    # contiguous ranges of whole lane groups, one per thread
+    groups = -(-n_chunks // _LANES)
+    parts = max(1, min(threads, groups))
+    bounds = [min(n_chunks, _LANES * (groups * k // parts)) for k in range(parts + 1)]
+    if parts == 1:
+        run(0, n_chunks)
+    else:
+        with ThreadPoolExecutor(max_workers=parts) as pool:
+            list(pool.map(run, bounds[:-1], bounds[1:]))
+    return [(int(x), int(left), int(used)) for x, left, used in result]
 
 
 def _decode_constriction(blk: _Block, out: np.ndarray) -> list[tuple[int, int, int]]:
