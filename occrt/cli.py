@@ -7,6 +7,8 @@
     occrt inspect MODEL.occ [--json]
     occrt verify MODEL.occ [--json]
     occrt analyze SRC [--tensors PATTERN] [--plot OUT.png] [--json]
+    occrt serve MODEL.occ [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--parallel N] [--queue N]
+    occrt export MODEL.occ --to hf DIR [--dtype auto|f32|f16|bf16] [--force]
 
 Errors a user can act on (bad file, unsupported model, bad flag value) print as one line and exit with status 2.
 """
@@ -179,6 +181,28 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from occrt.server import serve
+    except ImportError as e:
+        raise OccError(f"occrt serve needs the 'serve' extra ({e.name} is missing): "
+                       f"pip install 'occrt[serve]'") from None
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("OCCRT_API_KEY"),
+          model_id=args.model_name, device=args.device, parallel=args.parallel, queue=args.queue,
+          max_body_bytes=args.max_body_bytes, access_log=not args.quiet)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from occrt.export import ExportOptions, export_hf
+
+    export_hf(args.model, args.out, ExportOptions(dtype=args.dtype, max_shard_bytes=args.max_shard_bytes,
+                                                  overwrite=args.force))
+    return 0
+
+
 def _open(path: str):
     from occrt.format.reader import OccFile
 
@@ -285,7 +309,43 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.add_argument("-v", "--verbose", action="store_true", help="log each tensor to stderr")
     a.set_defaults(run=_analyze)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a .occ model (needs the serve extra)")
+    s.add_argument("model", help="a .occ file")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $OCCRT_API_KEY "
+                   "if set, else no key)")
+    s.add_argument("--model-name", default=None, help="the model's id in the API (default: the file name's stem)")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    s.add_argument("--parallel", type=_positive_int, default=4,
+                   help="requests generating at once, interleaved token by token (default: 4)")
+    s.add_argument("--queue", type=_non_negative_int, default=16,
+                   help="requests waiting for a slot; beyond that a request gets 503 at once (default: 16)")
+    s.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
+                   help="largest request body; larger ones get 413 (default: 1 MiB)")
+    s.add_argument("--quiet", action="store_true", help="no access log")
+    s.set_defaults(run=_serve)
+
+    x = sub.add_parser("export", help="write a .occ model's decoded weights as a checkpoint for other engines")
+    x.add_argument("model", help="a .occ file")
+    x.add_argument("--to", choices=("hf",), required=True,
+                   help="hf: a Hugging Face folder (config, tokenizer, safetensors) that transformers, vLLM, TGI load")
+    x.add_argument("out", metavar="DIR", help="the folder to write (must not exist or be empty, unless --force)")
+    x.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
+                   help="weights dtype (auto: as stored when every tensor is raw in one dtype, else f32)")
+    x.add_argument("--max-shard-bytes", type=_positive_int, default=5 * 10**9,
+                   help="split the weights into files of at most this size (default: 5e9, as transformers)")
+    x.add_argument("--force", action="store_true", help="replace DIR if it holds an earlier export")
+    x.set_defaults(run=_export)
     return p
+
+
+def _port(s: str) -> int:
+    v = int(s)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {v}")
+    return v
 
 
 def _positive_int(s: str) -> int:
