@@ -11,8 +11,8 @@ as needed) and decodes `new_tokens` greedily without stopping at end-of-sequence
     prefill_tok_s   prompt tokens / prefill seconds
     decode_tok_s    (new_tokens - 1) / seconds of the decode steps (each one forward of one token)
 and once: startup_s (process start -> first token of the first run: imports and kernel loading included), the peak
-resident memory of the process at the end of the first run (getrusage's ru_maxrss: everything it ever held, imports
-included; later runs load again and only add the allocator's leftovers, reported as peak_rss_all_runs_bytes), the
+resident memory of the process at the end of the first run (VmHWM: everything it ever held, imports included; later
+runs load again and only add the allocator's leftovers, reported as peak_rss_all_runs_bytes), the
 bytes of the weights in their runtime form and of the KV cache.
 """
 from __future__ import annotations
@@ -44,6 +44,15 @@ def process_age_s() -> float | None:
 
 
 def peak_rss_bytes() -> int:
+    """The process's peak resident set: VmHWM of /proc/self/status (this program's own memory; getrusage's
+    ru_maxrss also counts what a parent held when it forked this process), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
