@@ -7,6 +7,7 @@
 __version__ = "0.1.0"
 
 from occrt.api import Model, load  # noqa: E402  (the version must exist before submodules import it)
+from occrt.completion import Completion, CompletionStream  # noqa: E402
 from occrt.errors import FormatError, OccError  # noqa: E402
 
-__all__ = ["FormatError", "Model", "OccError", "load", "__version__"]
+__all__ = ["Completion", "CompletionStream", "FormatError", "Model", "OccError", "load", "__version__"]

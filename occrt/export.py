@@ -31,7 +31,7 @@ import struct
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -46,6 +46,7 @@ SAFETENSORS_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 BYTES_PER_ELEMENT = {"f32": 4, "f16": 2, "bf16": 2}
 SAFETENSORS_ALIGNMENT = 8
+CHUNK_ELEMENTS = 1 << 22  # values converted and written at a time (16 MiB of float32)
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
 # What an export writes: a folder holding only these may be replaced with --force.
 SINGLE_FILE = "model.safetensors"
@@ -228,7 +229,7 @@ def _write_weights(occ: OccFile, shapes: dict[str, tuple[int, ...]], dtype: str,
     total = 0
     for file_name, group in zip(names, groups):
         total += write_safetensors(os.path.join(folder, file_name), [(n, shapes[n]) for n in group], dtype,
-                                   lambda n: _decoded(occ, n, shapes[n], dtype), metadata={"format": "pt"},
+                                   lambda n: _decoded(occ, n, shapes[n]), metadata={"format": "pt"},
                                    written=lambda n: occ.release(occ.tensors[n]))
         weight_map.update({n: file_name for n in group})
     if len(groups) > 1:
@@ -237,20 +238,31 @@ def _write_weights(occ: OccFile, shapes: dict[str, tuple[int, ...]], dtype: str,
     return names
 
 
-def _decoded(occ: OccFile, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+def _decoded(occ: OccFile, name: str, shape: tuple[int, ...]) -> np.ndarray:
     w = occ.tensor(name)  # (shape) float32, or float16 for raw f16 storage
     if tuple(w.shape) != shape:
         raise OccError(f"tensor {name!r} decodes to shape {list(w.shape)}, expected {list(shape)}")
-    if dtype == "bf16":
-        return f32_to_bf16_bits(np.asarray(w, dtype=np.float32))  # '<u2' bit patterns
-    return np.asarray(w, dtype="<f4" if dtype == "f32" else "<f2")
+    return w
+
+
+def _pieces(w: np.ndarray, dtype: str) -> Iterator[np.ndarray]:
+    """`w` in `dtype` ('<f4', '<f2', or bf16 bit patterns '<u2'), row-major, in pieces of CHUNK_ELEMENTS: so a
+    conversion needs temporaries of one piece, not of the whole (an 8B model's embedding is 2 GB in float32)."""
+    flat = np.ascontiguousarray(w).reshape(-1)
+    for start in range(0, flat.size, CHUNK_ELEMENTS):
+        part = flat[start:start + CHUNK_ELEMENTS]
+        if dtype == "bf16":
+            yield f32_to_bf16_bits(np.asarray(part, dtype=np.float32))  # round to nearest even
+        else:
+            yield np.asarray(part, dtype="<f4" if dtype == "f32" else "<f2")
 
 
 def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...]]], dtype: str,
                       produce: Callable[[str], np.ndarray], *, metadata: dict[str, str] | None = None,
                       written: Callable[[str], None] | None = None) -> int:
-    """Write a safetensors file whose tensors (name, shape) all have `dtype`, asking `produce(name)` for each one's
-    data in turn (and telling `written(name)` when it is on disk). Returns the data size in bytes."""
+    """Write a safetensors file whose tensors (name, shape) are all stored as `dtype`, asking `produce(name)` for
+    each one's values (any float dtype; converted here) in turn and telling `written(name)` when they are on disk.
+    Returns the data size in bytes."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, shape in tensors:
@@ -263,12 +275,12 @@ def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...]]], dty
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for name, shape in tensors:
-            data = np.ascontiguousarray(produce(name))
-            expected = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
-            if data.nbytes != expected:
-                raise OccError(f"tensor {name!r}: {data.nbytes} bytes of data, the header says {expected}")
-            f.write(data.view(np.uint8).reshape(-1).data)
-            del data
+            w = produce(name)
+            if tuple(w.shape) != tuple(shape):
+                raise OccError(f"tensor {name!r} has shape {list(w.shape)}, the header says {list(shape)}")
+            for piece in _pieces(w, dtype):
+                f.write(piece.view(np.uint8).data)
+            del w
             if written is not None:
                 written(name)
         f.flush()

@@ -190,3 +190,24 @@ def test_existing_folders_are_kept_unless_forced(tiny_occ, tmp_path, capsys):
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # no temporary folder left behind
     with pytest.raises(OccError, match="dtype"):
         export_hf(tiny_occ, str(tmp_path / "x"), ExportOptions(dtype="int8"), log=quiet)
+
+
+@pytest.mark.slow
+def test_real_smollm2_export_matches(smollm2_gguf, tmp_path):
+    """The real SmolLM2-135M-Instruct: GGUF -> .occ -> HF folder; transformers' logits and chat template agree."""
+    from transformers import AutoTokenizer
+
+    occ = str(tmp_path / "smol.occ")
+    convert(smollm2_gguf, occ, log=quiet)
+    out = str(tmp_path / "hf")
+    export_hf(occ, out, log=quiet)
+    model = occrt.load(occ)
+    ids = model.tokenizer.encode("The capital of France is Paris, and the capital of Germany is")
+    ref = model.forward(np.asarray(ids), model.new_cache(len(ids)), all_logits=True)
+    got = hf_logits(out, ids)
+    assert np.abs(got - ref).max() < 1e-3 and np.abs(ref).max() > 10
+    messages = [{"role": "user", "content": "Hi!"}]
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        model.tokenizer.apply_chat_template(messages)
+    model.close()
