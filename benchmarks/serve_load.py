@@ -201,6 +201,9 @@ def report(args, model_id, mem, steady_r, burst_r) -> str:
         f"{model_id!r}), CPU device (numpy + numba).",
         f"- Steady phase: {args.clients} clients streaming chat completions back to back for {args.duration:g} s "
         f"(then in-flight requests finish), max_tokens {args.max_tokens}, temperature 0.7, a seed per request.",
+        f"- Machine load (1-minute load average) at the start / end of the steady phase: "
+        f"{steady_r['load'][0]:.1f} / {steady_r['load'][1]:.1f} (the load generator and anything else running "
+        f"share the same CPUs with the server).",
         "",
         "| steady phase | value |",
         "| --- | --- |",
@@ -241,7 +244,9 @@ def main() -> int:
     try:
         model_id = wait_ready(base_url)
         mem = {"before": memory_kib(proc.pid)}
+        load_before = os.getloadavg()[0]
         steady_r = steady(base_url, model_id, args.clients, args.duration, args.max_tokens)
+        steady_r["load"] = (load_before, os.getloadavg()[0])
         mem["after"] = memory_kib(proc.pid)
         burst_r = burst(base_url, model_id, args.parallel + args.queue + 8)
         mem["burst"] = memory_kib(proc.pid)
