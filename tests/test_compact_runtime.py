@@ -224,3 +224,15 @@ def test_bench_command(compressed):
     done = subprocess.run([sys.executable, "-m", "occrt", "bench", compressed["tied_bias"], "--runs", "1",
                            "--prompt-tokens", "4", "--new-tokens", "3"], capture_output=True, text=True)
     assert done.returncode == 0 and "decode" in done.stdout and "peak RSS" in done.stdout
+
+
+def test_token_ids_and_shapes_are_checked_before_the_kernels(compressed, tiny_occ):
+    """The numba kernels do not check bounds: the forms refuse what would read outside their arrays."""
+    for path in (compressed["tied_bias"], tiny_occ):
+        net = occrt.load(path).network
+        vocab = net.cfg.vocab_size
+        for bad in ([vocab], [-1], [3, vocab + 7]):
+            with pytest.raises(IndexError):
+                net.forward(np.asarray(bad), net.new_cache(4))
+        with pytest.raises(ValueError):  # the input rotation or the kernel wrapper refuses it
+            net.layers[0].q(np.zeros((1, net.cfg.hidden_size + 1), np.float32))

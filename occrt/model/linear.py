@@ -60,6 +60,21 @@ class Activation:
         return r
 
 
+def _checked_input(x: np.ndarray, n_in: int) -> np.ndarray:
+    """x as the kernels read it, (T, n_in) C-contiguous float32; they do not check bounds, so this does."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != n_in:
+        raise ValueError(f"input of shape {x.shape} for a layer of {n_in} inputs")
+    return x
+
+
+def _checked_ids(ids: np.ndarray, n_rows: int) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
+        raise IndexError(f"row ids must be in [0, {n_rows}), got {ids.min()}..{ids.max()}")
+    return ids
+
+
 def _input(x: np.ndarray | Activation) -> Activation:
     if isinstance(x, Activation):
         return x
@@ -77,7 +92,7 @@ class DenseLinear:
         self._ones = np.ones(self.n_out, dtype=np.float32)  # (n_out,) the kernels' row multipliers
 
     def __call__(self, x: np.ndarray | Activation) -> np.ndarray:
-        x = np.ascontiguousarray(x.x if isinstance(x, Activation) else x, dtype=np.float32)
+        x = _checked_input(x.x if isinstance(x, Activation) else x, self.n_in)
         y = np.empty((x.shape[0], self.n_out), dtype=np.float32)  # (T, n_out)
         if self.w.flags.c_contiguous:
             (compact.qgemm if x.shape[0] >= GEMM_MIN_TOKENS else compact.qmatmul)(self.w, x, self._ones, y)
@@ -89,7 +104,7 @@ class DenseLinear:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """W[ids] (T, n_in) float32."""
-        return np.asarray(self.w[ids], dtype=np.float32)
+        return np.asarray(self.w[_checked_ids(ids, self.n_out)], dtype=np.float32)
 
     @property
     def nbytes(self) -> int:
@@ -144,7 +159,7 @@ class EcsqLinear:
 
     def coded_product(self, x: np.ndarray) -> np.ndarray:
         """(x Cᵀ) ⊙ m for x (T, n_in) float32, reading the codes in place (occrt.kernels.compact)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = _checked_input(x, self.n_in)
         y = np.empty((x.shape[0], self.n_out), dtype=np.float32)
         kernel = _KERNELS[self.kind == "int4", x.shape[0] >= GEMM_MIN_TOKENS, self.parallel]
         if self.kind == "int4":
@@ -172,7 +187,7 @@ class EcsqLinear:
     # -- W[ids] -------------------------------------------------------------------------------------------------------
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows of W (T, n_in) float32, dequantized on lookup (the embedding)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = _checked_ids(ids, self.n_out)
         if self._q_out is None:
             w_r = np.empty((ids.size, self.n_in), dtype=np.float32)  # rows of U·V + diag(m)·C·diag(b)
             self._dequantize(ids, w_r)
