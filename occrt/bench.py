@@ -58,6 +58,9 @@ def peak_rss_bytes() -> int:
 
 def _array_bytes(obj: Any, seen: set[int]) -> int:
     """Bytes of the numpy arrays / torch tensors an object holds (attributes, lists, dicts), each counted once."""
+    if isinstance(obj, np.ndarray):
+        while isinstance(obj.base, np.ndarray):  # a view counts as the array it views (once)
+            obj = obj.base
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
