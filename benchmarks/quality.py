@@ -99,18 +99,27 @@ def evaluate(path: str, ids: list[int], ctx: int) -> float:
         model.close()
 
 
-def convert(src: str, out: str, args: list[str]) -> tuple[float, float]:
-    """Run `occrt convert` in a subprocess; returns (linear bpw, seconds)."""
+_PEAK_RSS = ("import atexit, resource, runpy, sys\n"
+             "atexit.register(lambda: sys.stderr.write("
+             "f'peak_rss_kb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n'))\n"
+             "sys.argv = ['occrt'] + sys.argv[1:]\n"
+             "runpy.run_module('occrt', run_name='__main__')\n")
+
+
+def convert(src: str, out: str, args: list[str]) -> tuple[float, float, float]:
+    """Run `occrt convert` in a subprocess; returns (linear bpw, seconds, peak resident MB of the process)."""
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "occrt", "convert", src, "-o", out, "--force", *args],
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, "convert", src, "-o", out, "--force", *args],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"occrt convert {args} failed:\n{done.stderr}")
-    bpw = float("nan")
+    bpw = peak = float("nan")
     for line in done.stderr.splitlines():
         if line.startswith("linear layers:"):
             bpw = float(line.split()[2])
-    return bpw, time.monotonic() - started
+        elif line.startswith("peak_rss_kb"):
+            peak = int(line.split()[1]) / 1024
+    return bpw, time.monotonic() - started, peak
 
 
 def main() -> None:
@@ -135,6 +144,8 @@ def main() -> None:
     reference = str(WORK / "smollm2_f32.occ")
     if not os.path.exists(reference):
         convert(gguf_path, reference, [])
+    ref_convert = convert(gguf_path, str(WORK / "smollm2_f32_again.occ"), [])
+    log(f"plain conversion (raw f32): {ref_convert[1]:.0f} s, peak {ref_convert[2]:.0f} MB")
     import occrt
 
     tok = occrt.load(reference).tokenizer
@@ -156,11 +167,13 @@ def main() -> None:
     for label, flags in configs:
         for bpw in [float(x) for x in a.bpw.split(",")]:
             out = str(WORK / f"occ_{label.replace(' ', '_').replace('-', '')}_{bpw}.occ")
-            achieved, seconds = convert(gguf_path, out, ["--bpw", str(bpw), *flags])
+            achieved, seconds, peak = convert(gguf_path, out, ["--bpw", str(bpw), *flags])
             p = evaluate(out, ids, a.ctx)
             rows.append({"method": label, "flags": " ".join(["--bpw", str(bpw), *flags]), "bpw": achieved,
-                         "ppl": p, "convert_s": seconds, "family": label, "bytes": os.path.getsize(out)})
-            log(f"{label} {bpw}: bpw {achieved:.4f} ppl {p:.3f} ratio {p / ref_ppl:.3f} ({seconds:.0f} s)")
+                         "ppl": p, "convert_s": seconds, "convert_peak_mb": peak, "family": label,
+                         "bytes": os.path.getsize(out)})
+            log(f"{label} {bpw}: bpw {achieved:.4f} ppl {p:.3f} ratio {p / ref_ppl:.3f} ({seconds:.0f} s, "
+                f"peak {peak:.0f} MB)")
     if not a.no_peers:
         for name, (bpw, fn) in PEERS.items():
             out = str(WORK / f"peer_{name.replace(' ', '_')}.occ")
@@ -183,10 +196,12 @@ def main() -> None:
 def table(rows: list[dict], meta: dict) -> str:
     lines = [f"commit {meta['commit']}, {meta['date']}, {meta['machine']}; text {meta['text']}, "
              f"{meta['tokens']} tokens, {meta['ctx']}-token windows", "",
-             "| method | bits per linear weight | perplexity | ratio to reference |", "|---|---|---|---|"]
+             "| method | bits per linear weight | perplexity | ratio to reference | convert s | convert peak MB |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         label = r.get("flags") and f"{r['method']} (`{r['flags']}`)" or r["method"]
-        lines.append(f"| {label} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['ratio']:.3f} |")
+        extra = (f"{r['convert_s']:.0f} | {r['convert_peak_mb']:.0f}" if "convert_s" in r else " | ")
+        lines.append(f"| {label} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['ratio']:.3f} | {extra} |")
     return "\n".join(lines) + "\n"
 
 

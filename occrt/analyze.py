@@ -59,6 +59,7 @@ import numpy as np
 
 from occrt.codecs import ans
 from occrt.codecs.ecsq import Layout, to_f16
+from occrt.errors import OccError
 from occrt.codecs.rotation import RotationSpec, derive_seed, rotate
 from occrt.format.writer import canonical_json
 
@@ -501,7 +502,10 @@ def plot(report: Report, out: str) -> None:
     """Log-log density histograms of |c| / rms(W) in the three regimes for one tensor per layer type, and the summary.
 
     The tensors must have been analyzed with histograms=True."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise OccError("--plot needs matplotlib: pip install 'occrt[plot]'") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
