@@ -23,7 +23,7 @@ from occrt.codecs import ans
 from occrt.converters.policy import CodingOptions, Policy, record_bits
 from occrt.errors import ConversionError
 from occrt.format.writer import OccWriter
-from occrt.model.loader import llama_tensor_shapes
+from occrt.model.loader import tensor_shapes
 
 # Tensors some checkpoints carry that the model recomputes or does not use.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -79,7 +79,7 @@ def _checked_tensors(source: Source, expected: dict[str, tuple[int, ...]]) -> It
 
 def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, log) -> dict[str, Any]:
     cfg = source.config
-    expected = llama_tensor_shapes(cfg)
+    expected = tensor_shapes(cfg)
     if options.calib is not None:
         from occrt.converters.calibrate import calibrate
 

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from occrt.converters.llama import config_from_gguf, hf_name_from_gguf, unpermute_qk
+from occrt.converters.architectures import config_from_gguf, gguf_mapper
 from occrt.converters.source import Source, SourceTensor, TokenizerInfo, file_record
 from occrt.errors import ConversionError
 
@@ -41,6 +41,7 @@ class GGUFSource(Source):
         if "rope_freqs.weight" in self._tensors:
             factors = self._dequantize(self._tensors["rope_freqs.weight"]).reshape(-1)
             config.rope.update(type="freq_factors", factors=[float(x) for x in factors])
+        self._mapper = gguf_mapper(config)  # llama.cpp's tensors -> occrt's (names, q/k row order, fused ones)
         tokenizer = self._tokenizer()
         provenance = {"source_format": "gguf", "source_name": os.path.basename(path),
                       "source_files": [file_record(path)]}
@@ -75,20 +76,14 @@ class GGUFSource(Source):
                              chat_template=f.get("tokenizer.chat_template"))
 
     def tensor_names(self) -> list[str]:
-        return [n for n in (hf_name_from_gguf(t) for t in self._tensors) if n is not None]
+        return self._mapper.names(self._tensors)
 
     def tensors(self) -> Iterator[SourceTensor]:
-        cfg = self.config
         for t in self.reader.tensors:
-            name = hf_name_from_gguf(t.name)
-            if name is None:
+            if self._mapper.rule(t.name) is None:
                 continue
             kind = t.tensor_type.name
             data = self._dequantize(t)
-            if name.endswith(("q_proj.weight", "q_proj.bias")):
-                data = unpermute_qk(data, cfg.num_attention_heads)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                data = unpermute_qk(data, cfg.num_key_value_heads)
             dtype = {"F32": "f32", "F16": "f16", "BF16": "bf16"}.get(kind, "quantized")
             if dtype == "f16":
                 data = data.astype(np.float16)
@@ -96,4 +91,4 @@ class GGUFSource(Source):
                 from occrt.format.constants import f32_to_bf16_bits
 
                 data = f32_to_bf16_bits(data)  # exact: the values came from bf16
-            yield SourceTensor(name, data, dtype)
+            yield from self._mapper.apply(SourceTensor(t.name, data, dtype))

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from occrt.converters.llama import config_from_hf
+from occrt.converters.architectures import config_from_hf, hf_mapper
 from occrt.converters.source import Source, SourceTensor, TokenizerInfo, file_record
 from occrt.errors import ConversionError
 
@@ -34,6 +34,7 @@ class HFDirectorySource(Source):
             raise ConversionError(f"{root}: no config.json (is this a Hugging Face checkpoint directory?)")
         self.hf_config = _read_json(cfg_path)
         config = config_from_hf(self.hf_config)
+        self._mapper = hf_mapper(config)  # the family's tensors -> occrt's (split fused ones, transpose Conv1D)
         self.shards = self._find_shards()
         self._index = self._index_tensors()
         tokenizer = self._tokenizer(config)
@@ -129,7 +130,7 @@ class HFDirectorySource(Source):
         return out
 
     def tensor_names(self) -> list[str]:
-        return list(self._index)
+        return self._mapper.names(self._index)
 
     def tensors(self) -> Iterator[SourceTensor]:
         from safetensors import safe_open
@@ -145,4 +146,4 @@ class HFDirectorySource(Source):
                         data = t.contiguous().view(torch.int16).numpy().view(np.uint16)
                     else:
                         data = t.numpy()
-                    yield SourceTensor(name, data, dtype)
+                    yield from self._mapper.apply(SourceTensor(name, data, dtype))

@@ -133,9 +133,9 @@ def load(path: str | os.PathLike, *, device: str = "cpu") -> Model:
     occ = OccFile.open(path)
     try:
         config, tokenizer, defaults = check_model(occ)
-        from occrt.model.loader import load_llama
+        from occrt.model.loader import load_model
 
-        network = load_llama(occ, config)
+        network = load_model(occ, config)
         if on_torch is not None:
             from occrt.model.llama_torch import TorchLlama
 
@@ -152,7 +152,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu") -> Model:
 def check_model(occ: OccFile) -> tuple[ModelConfig, Tokenizer, dict[str, Any]]:
     """What `load` checks beyond the container, without decoding a tensor: the metadata it uses (config, tokenizer and
     its token ids, generation defaults) and that the file holds every tensor the config implies, in its shape."""
-    from occrt.model.loader import check_llama_tensors
+    from occrt.model.loader import check_tensors
 
     meta = occ.metadata
     config = ModelConfig.from_json(meta.get("model.config"))
@@ -161,7 +161,7 @@ def check_model(occ: OccFile) -> tuple[ModelConfig, Tokenizer, dict[str, Any]]:
                           f"model.config says {config.architecture!r}")
     tokenizer = Tokenizer(occ.blob("tokenizer.json"), **_tokenizer_metadata(meta, config.vocab_size))
     defaults = _generation_defaults(meta.get("generation.defaults"))
-    check_llama_tensors(occ, config)
+    check_tensors(occ, config)
     return config, tokenizer, defaults
 
 

@@ -66,7 +66,7 @@ def export_hf(src: str, out_dir: str, options: ExportOptions = ExportOptions(), 
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write `src` (a .occ file) as a Hugging Face checkpoint folder `out_dir`. Returns a summary."""
     from occrt.api import check_model
-    from occrt.model.loader import llama_tensor_shapes
+    from occrt.model.loader import tensor_shapes
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if options.dtype not in DTYPES:
@@ -76,7 +76,7 @@ def export_hf(src: str, out_dir: str, options: ExportOptions = ExportOptions(), 
     _check_target(out_dir, options.overwrite)
     with OccFile.open(src) as occ:
         cfg, tokenizer, defaults = check_model(occ)
-        shapes = llama_tensor_shapes(cfg)  # the order HF's state dict has: embeddings, norm, head, layer by layer
+        shapes = tensor_shapes(cfg)  # the order HF's state dict has: embeddings, norm, head, layer by layer
         dtype = options.dtype if options.dtype != "auto" else _auto_dtype(occ, shapes)
         parent = os.path.dirname(os.path.abspath(out_dir))
         os.makedirs(parent, exist_ok=True)

@@ -111,7 +111,7 @@ def tiny_model_bytes(*, seed: int = 0) -> bytes:
 
     from occrt.format.writer import OccWriter
     from occrt.model.config import ModelConfig
-    from occrt.model.loader import llama_tensor_shapes
+    from occrt.model.loader import tensor_shapes
     from tests.conftest import CHAT_TEMPLATE, build_tokenizer_json
 
     cfg = ModelConfig(architecture="llama", vocab_size=320, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
@@ -132,7 +132,7 @@ def tiny_model_bytes(*, seed: int = 0) -> bytes:
             w.set_metadata("generation.defaults", {"temperature": 0.7, "top_p": 0.9})
             w.set_metadata("provenance", {"converter": "tests", "source_format": "huggingface", "source_name": "tiny",
                                           "source_files": []})
-            for name, shape in llama_tensor_shapes(cfg).items():
+            for name, shape in tensor_shapes(cfg).items():
                 w.add_tensor(name, RawCodec.encode((0.2 * rng.standard_normal(shape)).astype(np.float32)))
             w.finish()
         with open(path, "rb") as f:

@@ -16,7 +16,7 @@ from occrt.converters.convert import ConvertOptions, convert
 from occrt.errors import OccError
 from occrt.format.reader import OccFile
 from occrt.model.linear import Activation, DenseLinear, EcsqLinear, decode_ecsq
-from occrt.model.llama import LayerWeights, LlamaModel
+from occrt.model.decoder import DecoderModel, LayerWeights
 from tests.conftest import make_llama_dir
 
 IDS = [1, 17, 5, 93, 200, 41, 7, 7, 150, 3, 64, 250, 11, 90, 120, 33]
@@ -92,20 +92,20 @@ def test_shared_activation_rotates_once_per_spec(monkeypatch):
     assert np.array_equal(x.x, keep)  # the shared input is not modified
 
 
-def _dense_reference(model: occrt.api.Model) -> LlamaModel:
+def _dense_reference(model: occrt.api.Model) -> DecoderModel:
     """The same network with every tensor decoded to float32 by its codec (the runtime before compact forms)."""
     occ, net = model.file, model.network
 
     def dense(name: str, bias: np.ndarray | None = None) -> DenseLinear:
         return DenseLinear(np.asarray(occ.tensor(name), dtype=np.float32), bias)
 
-    layers = [LayerWeights(input_norm=lw.input_norm, post_norm=lw.post_norm,
+    layers = [LayerWeights(attn_norm=lw.attn_norm, mlp_norm=lw.mlp_norm,
                            **{p: dense(f"model.layers.{i}.{'self_attn' if p in 'qkvo' else 'mlp'}.{p}_proj.weight",
                                        getattr(lw, p).b) for p in PROJ})
               for i, lw in enumerate(net.layers)]
     embed = dense("model.embed_tokens.weight")
     head = embed if net.head is net.embed else dense("lm_head.weight")
-    return LlamaModel(net.cfg, embed=embed, layers=layers, norm=net.norm, head=head)
+    return DecoderModel(net.cfg, embed=embed, layers=layers, norm=net.norm, head=head)
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +143,12 @@ def test_compact_model_matches_dense_decoding(compressed, name):
 
 def test_parallel_decode_and_parallel_kernels_agree(compressed):
     from occrt.model.config import ModelConfig
-    from occrt.model.loader import load_llama
+    from occrt.model.loader import load_model
 
     with OccFile.open(compressed["untied"]) as occ:
         cfg = ModelConfig.from_json(occ.metadata["model.config"])
-        one = load_llama(occ, cfg, threads=1)
-        two = load_llama(occ, cfg, threads=2, parallel_kernels=True)
+        one = load_model(occ, cfg, threads=1)
+        two = load_model(occ, cfg, threads=2, parallel_kernels=True)
         for a, b in zip(one.layers, two.layers):
             for p in PROJ:
                 assert np.array_equal(getattr(a, p).codes, getattr(b, p).codes)

@@ -136,7 +136,7 @@ def test_rope_scaling_maps_back(variant, tmp_path):
 
 
 def test_rope_dicts_round_trip_through_the_converter():
-    from occrt.converters.llama import rope_from_hf
+    from occrt.converters.arch_llama import rope_from_hf
 
     for rope in ({"type": "default", "theta": 10000.0},
                  {"type": "linear", "theta": 1e4, "factor": 2.0},

@@ -71,3 +71,26 @@ def test_spec_reference_decoder_runs():
     assert np.array_equal(ns["decode_raw"](a.tobytes(), "f32", [2, 3]), a)
     bf = (a.view(np.uint32) >> 16).astype("<u2").tobytes()
     assert np.array_equal(ns["decode_raw"](bf, "bf16", [2, 3]), a)
+
+
+def test_model_config_keys_are_the_spec_table():
+    """Every ModelConfig field has a row in 4.1 (and no row names a key the reader would reject), optional ones
+    marked with their default; the architecture labels are the ones the reader accepts."""
+    import dataclasses
+
+    from occrt.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+
+    table = _section("### 4.1 Model configuration")
+    rows = re.findall(r"^\| ((?:`\w+`(?:, )?)+) \| [^|]+ \| (yes|no[^|]*) \|", table, flags=re.M)
+    documented = {}
+    for keys, required in rows:
+        for key in re.findall(r"`(\w+)`", keys):
+            documented[key] = required
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    assert set(documented) == set(fields)
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        always_written = name in ("rope", "attention_bias", "mlp_bias", "hidden_act")
+        assert (documented[name] == "yes") == (required or always_written), name
+    listed = re.search(r"\| `architecture` \| string \| yes \| [^|]*?: ((?:`\"\w+\"`(?:, )?)+)", table).group(1)
+    assert tuple(re.findall(r'"(\w+)"', listed)) == SUPPORTED_ARCHITECTURES

@@ -7,7 +7,7 @@ import pytest
 
 import occrt
 from occrt.kernels import layers as K
-from occrt.model.llama import LlamaModel, rms_norm, silu
+from occrt.model.decoder import attention, gelu_tanh, layer_norm, rms_norm, silu
 from occrt.model.rope import Rotary
 
 
@@ -32,20 +32,53 @@ def test_add_rms_norm(t):
     _close(out, rms_norm(ref_x, w, 1e-5))
 
 
-def test_silu_mul():
+@pytest.mark.parametrize("t", [1, 5])
+def test_add_layer_norm(t):
+    rng = np.random.default_rng(t)
+    x = (3 + rng.standard_normal((t, 48))).astype(np.float32)  # an offset mean, which LayerNorm removes
+    delta = rng.standard_normal((t, 48)).astype(np.float32)
+    w = (1 + 0.3 * rng.standard_normal(48)).astype(np.float32)
+    b = (0.2 * rng.standard_normal(48)).astype(np.float32)
+    out = np.empty_like(x)
+    ref_x = x + delta
+    K.add_layer_norm(x, delta, w, b, np.float32(1e-5), out)
+    assert np.array_equal(x, ref_x)
+    _close(out, layer_norm(ref_x, w, b, 1e-5), 1e-5)
+    K.add_layer_norm(x, x[:0], w, b, np.float32(1e-5), x)  # in place, no delta
+    _close(x, layer_norm(ref_x, w, b, 1e-5), 1e-5)
+
+
+@pytest.mark.parametrize("act,ref", [(K.SILU, silu), (K.GELU_TANH, gelu_tanh)])
+def test_activations(act, ref):
     rng = np.random.default_rng(0)
     g = (4 * rng.standard_normal((3, 40))).astype(np.float32)
     u = rng.standard_normal((3, 40)).astype(np.float32)
-    ref = silu(g) * u
-    K.silu_mul(g, u)
-    _close(g, ref)
+    want = ref(g) * u
+    x = g.copy()
+    K.act_inplace(x, act)
+    _close(x, ref(g))
+    K.act_mul(g, u, act)
+    _close(g, want)
 
 
-@pytest.mark.parametrize("start,t", [(0, 1), (0, 6), (5, 1), (5, 4)])
-def test_rope_cache_and_attention(start, t):
+def test_gelu_tanh_is_the_tanh_approximation():
+    # GELU(x) = x·Φ(x); the tanh form is within 1e-3 of it (Hendrycks & Gimpel 2016)
+    import math
+
+    x = np.linspace(-5, 5, 101).astype(np.float32)
+    exact = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    assert np.abs(gelu_tanh(x) - exact).max() < 1e-3
+    assert gelu_tanh(np.float32([1.0]))[0] == pytest.approx(0.8411920, abs=1e-6)
+
+
+@pytest.mark.parametrize("start,t,window,cap,rotated", [(0, 1, 0, 0, 16), (0, 6, 0, 0, 16), (5, 1, 0, 0, 16),
+                                                        (5, 4, 0, 0, 16), (5, 4, 3, 0, 16), (0, 6, 2, 0, 8),
+                                                        (5, 1, 4, 1.5, 16), (5, 4, 0, 1.5, 12)])
+def test_rope_cache_and_attention(start, t, window, cap, rotated):
     rng = np.random.default_rng(start * 10 + t)
     n_heads, n_kv, d, s_max = 6, 2, 16, 12
-    rotary = Rotary({"type": "yarn", "theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8}, d)
+    rotary = Rotary({"type": "yarn", "theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8},
+                    rotated)
     rotary.ensure(start + t)
     cache_k = rng.standard_normal((n_kv, s_max, d)).astype(np.float32)  # positions < start: earlier tokens
     cache_v = rng.standard_normal((n_kv, s_max, d)).astype(np.float32)
@@ -60,13 +93,42 @@ def test_rope_cache_and_attention(start, t):
     _close(q, ref_q)
     _close(cache_k, ref_ck)
     assert np.array_equal(cache_v, ref_cv)
+    if rotated < d:
+        assert np.array_equal(q[..., rotated:], ref_q[..., rotated:])  # partial rotary: the rest passes through
     scale = np.float32(1 / np.sqrt(d))
-    model = LlamaModel.__new__(LlamaModel)  # only _attention's scale is needed
-    model.scale = scale
-    ref = model._attention(ref_q, ref_ck[:, :start + t], ref_cv[:, :start + t], start)
+    ref = attention(ref_q, ref_ck[:, :start + t], ref_cv[:, :start + t], start, scale, window=window,
+                    cap=cap or None)
     out = np.empty((t, n_heads * d), np.float32)
-    K.attention(q, cache_k, cache_v, start, scale, out)
+    K.attention(q, cache_k, cache_v, start, scale, window, np.float32(cap), out)
     _close(out, ref, rtol=1e-5)
+
+
+def test_sliding_window_hides_old_positions():
+    """With window w a query sees exactly its last w positions: changing an older key or value changes nothing."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 2, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 10, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 10, 8)).astype(np.float32)
+    out = [np.empty((1, 16), np.float32) for _ in range(3)]
+    K.attention(q, k, v, 9, np.float32(0.3), 4, np.float32(0), out[0])  # position 9 sees 6..9
+    k2, v2 = k.copy(), v.copy()
+    k2[:, :6] += 5.0
+    v2[:, :6] -= 5.0
+    K.attention(q, k2, v2, 9, np.float32(0.3), 4, np.float32(0), out[1])
+    assert np.array_equal(out[0], out[1])
+    k2[:, 6] += 5.0
+    K.attention(q, k2, v2, 9, np.float32(0.3), 4, np.float32(0), out[2])
+    assert not np.allclose(out[0], out[2])
+
+
+def test_cache_write_copies_without_rotation():
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((3, 2, 8)).astype(np.float32)
+    v = rng.standard_normal((3, 2, 8)).astype(np.float32)
+    ck, cv = np.zeros((2, 6, 8), np.float32), np.zeros((2, 6, 8), np.float32)
+    K.cache_write(k, v, 2, ck, cv)
+    assert np.array_equal(ck[:, 2:5], k.transpose(1, 0, 2)) and np.array_equal(cv[:, 2:5], v.transpose(1, 0, 2))
+    assert not ck[:, :2].any() and not ck[:, 5:].any()
 
 
 def test_forward_matches_reference_forward(tiny_occ):

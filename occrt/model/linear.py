@@ -36,7 +36,7 @@ from occrt.kernels.hadamard import HadamardKernel
 # row-dot per row and token (occrt.kernels.compact; on SmolLM2's shapes it is ~2.5x faster from 4 tokens on).
 GEMM_MIN_TOKENS = 4
 TILE_ELEMENTS = 1 << 17  # floats per dequantized tile of `rows` under an output rotation (512 KB: stays in L2)
-# With `parallel_kernels` (occrt.model.loader.load_llama), matrices at least this large use the row-parallel decode
+# With `parallel_kernels` (occrt.model.loader.load_model), matrices at least this large use the row-parallel decode
 # kernel. Off by default: decoding one token is bound by memory bandwidth, which one core nearly saturates, and on
 # a 2-core machine shared with other work a parallel region cost 0.1 ms (numba's workqueue) to 8 ms (OpenMP threads
 # waiting for a core) against 0.03 ms for a SmolLM2 layer matrix and 1.3 ms for its 28 M-weight head on one core.

@@ -1,4 +1,4 @@
-"""The CUDA path: the same forward pass as occrt/model/llama.py, in torch, from the same compact weights.
+"""The CUDA path: the same forward pass as occrt/model/decoder.py, in torch, from the same compact weights.
 
 `TorchLlama.from_model(model, device)` moves a loaded `LlamaModel` to a torch device: compact codes go over as they
 are (int8/int16 tensors, int4 still packed two per byte), with their row/column multipliers, structural factors and
@@ -23,7 +23,7 @@ import torch
 from occrt.kernels.hadamard import TorchHadamard
 from occrt.model.config import ModelConfig
 from occrt.model.linear import Activation, DenseLinear, EcsqLinear
-from occrt.model.llama import LlamaModel
+from occrt.model.decoder import DecoderModel
 from occrt.model.rope import Rotary
 
 TILE_ELEMENTS = 1 << 22  # codes widened to float32 per GEMM tile (16 MB)
@@ -142,7 +142,7 @@ class TorchLlama:
         self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
 
     @classmethod
-    def from_model(cls, model: LlamaModel, device) -> "TorchLlama":
+    def from_model(cls, model: DecoderModel, device) -> "TorchLlama":
         hadamards: dict = {}  # spec -> TorchHadamard, shared by the layers of one input space
         forms: dict[int, Any] = {}  # id(numpy form) -> torch form: a tied head stays the embedding's object
 
@@ -151,10 +151,10 @@ class TorchLlama:
                 forms[id(form)] = torch_form(form, device, hadamards)
             return forms[id(form)]
 
-        layers = [{"input_norm": _tensor(lw.input_norm, device), "post_norm": _tensor(lw.post_norm, device),
+        layers = [{"input_norm": _tensor(lw.attn_norm.w, device), "post_norm": _tensor(lw.mlp_norm.w, device),
                    **{n: conv(getattr(lw, n)) for n in ("q", "k", "v", "o", "gate", "up", "down")}}
                   for lw in model.layers]
-        return cls(model.cfg, embed=conv(model.embed), layers=layers, norm=_tensor(model.norm, device),
+        return cls(model.cfg, embed=conv(model.embed), layers=layers, norm=_tensor(model.norm.w, device),
                    head=conv(model.head), device=device)
 
     def new_cache(self, capacity: int) -> TorchKVCache:

@@ -16,41 +16,60 @@ from occrt.errors import FormatError
 from occrt.format.reader import OccFile
 from occrt.model.config import ModelConfig
 from occrt.model.linear import FORMS, PARALLEL_MIN_WEIGHTS, DenseLinear, available_cpus
-from occrt.model.llama import LayerWeights, LlamaModel
+from occrt.model.decoder import DecoderModel, LayerWeights, Norm
 
-def llama_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Llama-family model needs, with its shape (the converter and the loader both check these)."""
+
+def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the config's model needs, with its shape, in Hugging Face's state-dict order (the converter,
+    the loader and the exporter all use this table; format_spec/occ.md 4.2 lists the names)."""
     d_model, d_ff, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q_out, kv_out = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, d_model),
-                                          "model.norm.weight": (d_model,)}
+    layer_norm = cfg.norm_type == "layer"  # LayerNorm has a bias beside each weight
+
+    def norm(name: str, n: int = d_model) -> dict[str, tuple[int, ...]]:
+        return {name + ".weight": (n,), **({name + ".bias": (n,)} if layer_norm else {})}
+
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, d_model)}
+    if cfg.position_type == "learned":
+        shapes["model.embed_positions.weight"] = (cfg.max_position_embeddings, d_model)
+    shapes.update(norm("model.norm"))
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, d_model)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
+        shapes.update(norm(p + "input_layernorm"))
+        shapes.update(norm(p + "post_attention_layernorm"))
+        if cfg.sandwich_norms:
+            shapes.update(norm(p + "pre_feedforward_layernorm"))
+            shapes.update(norm(p + "post_feedforward_layernorm"))
         shapes.update({
-            p + "input_layernorm.weight": (d_model,),
-            p + "post_attention_layernorm.weight": (d_model,),
             p + "self_attn.q_proj.weight": (q_out, d_model),
             p + "self_attn.k_proj.weight": (kv_out, d_model),
             p + "self_attn.v_proj.weight": (kv_out, d_model),
             p + "self_attn.o_proj.weight": (d_model, q_out),
-            p + "mlp.gate_proj.weight": (d_ff, d_model),
-            p + "mlp.up_proj.weight": (d_ff, d_model),
-            p + "mlp.down_proj.weight": (d_model, d_ff),
         })
+        if cfg.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+        if cfg.mlp_type == "gated":
+            shapes[p + "mlp.gate_proj.weight"] = (d_ff, d_model)
+        shapes.update({p + "mlp.up_proj.weight": (d_ff, d_model), p + "mlp.down_proj.weight": (d_model, d_ff)})
         if cfg.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,),
-                           p + "self_attn.v_proj.bias": (kv_out,), p + "self_attn.o_proj.bias": (d_model,)})
+                           p + "self_attn.v_proj.bias": (kv_out,)})
+        if cfg.has_o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (d_model,)
         if cfg.mlp_bias:
-            shapes.update({p + "mlp.gate_proj.bias": (d_ff,), p + "mlp.up_proj.bias": (d_ff,),
-                           p + "mlp.down_proj.bias": (d_model,)})
+            if cfg.mlp_type == "gated":
+                shapes[p + "mlp.gate_proj.bias"] = (d_ff,)
+            shapes.update({p + "mlp.up_proj.bias": (d_ff,), p + "mlp.down_proj.bias": (d_model,)})
     return shapes
 
 
-def check_llama_tensors(occ: OccFile, cfg: ModelConfig) -> None:
+
+
+def check_tensors(occ: OccFile, cfg: ModelConfig) -> None:
     """The file holds every tensor the config implies, with that shape (before anything is decoded)."""
-    for name, shape in llama_tensor_shapes(cfg).items():
+    for name, shape in tensor_shapes(cfg).items():
         entry = occ.tensors.get(name)
         if entry is None:
             raise FormatError(f"model needs tensor {name!r}, which the file lacks", path=occ.path)
@@ -111,13 +130,13 @@ def decode_forms(occ: OccFile, names: list[str], *, threads: int) -> dict[str, A
     return forms
 
 
-def load_llama(occ: OccFile, cfg: ModelConfig, *, threads: int | None = None,
-               parallel_kernels: bool = False) -> LlamaModel:
+def load_model(occ: OccFile, cfg: ModelConfig, *, threads: int | None = None,
+               parallel_kernels: bool = False) -> DecoderModel:
     """The model in its runtime form. `threads`: decoding threads (default: every CPU this process may use).
     `parallel_kernels`: spread the rows of large matrices (>= linear.PARALLEL_MIN_WEIGHTS weights) over numba's
     threads when decoding a token (off by default: see linear.PARALLEL_MIN_WEIGHTS)."""
-    shapes = llama_tensor_shapes(cfg)
-    check_llama_tensors(occ, cfg)
+    shapes = tensor_shapes(cfg)
+    check_tensors(occ, cfg)
     views = [e for e in occ.tensors.values() if e.codec == 0 and e.dtype == "f32" and e.length >= RAW_COPY_MAX]
     # vectors (norms, biases) first, then their pages released: the mapping is then only read by the decoders,
     # whose window of pages moves through the file and is released behind them
@@ -136,16 +155,26 @@ def load_llama(occ: OccFile, cfg: ModelConfig, *, threads: int | None = None,
         form.b = vectors.get(prefix + ".bias")
         return form
 
+    def norm(prefix: str) -> Norm:
+        return Norm(vectors[prefix + ".weight"], vectors.get(prefix + ".bias"))
+
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
+        sandwich = cfg.sandwich_norms  # Gemma's names: post_attention_layernorm is the attention output's norm
         layers.append(LayerWeights(
-            input_norm=vectors[p + "input_layernorm.weight"],
+            attn_norm=norm(p + "input_layernorm"),
             q=linear(p + "self_attn.q_proj"), k=linear(p + "self_attn.k_proj"),
             v=linear(p + "self_attn.v_proj"), o=linear(p + "self_attn.o_proj"),
-            post_norm=vectors[p + "post_attention_layernorm.weight"],
-            gate=linear(p + "mlp.gate_proj"), up=linear(p + "mlp.up_proj"), down=linear(p + "mlp.down_proj"),
+            mlp_norm=norm(p + ("pre_feedforward_layernorm" if sandwich else "post_attention_layernorm")),
+            up=linear(p + "mlp.up_proj"), down=linear(p + "mlp.down_proj"),
+            gate=linear(p + "mlp.gate_proj") if cfg.mlp_type == "gated" else None,
+            q_norm=norm(p + "self_attn.q_norm") if cfg.qk_norm else None,
+            k_norm=norm(p + "self_attn.k_norm") if cfg.qk_norm else None,
+            attn_out_norm=norm(p + "post_attention_layernorm") if sandwich else None,
+            mlp_out_norm=norm(p + "post_feedforward_layernorm") if sandwich else None,
         ))
     embed = forms["model.embed_tokens.weight"]
     head = embed if cfg.tie_word_embeddings else linear("lm_head")
-    return LlamaModel(cfg, embed=embed, layers=layers, norm=vectors["model.norm.weight"], head=head)
+    positions = forms.get("model.embed_positions.weight")
+    return DecoderModel(cfg, embed=embed, layers=layers, norm=norm("model.norm"), head=head, positions=positions)

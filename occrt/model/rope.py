@@ -13,8 +13,11 @@ import numpy as np
 from occrt.errors import FormatError
 
 
-def inverse_frequencies(rope: dict, head_dim: int) -> tuple[np.ndarray, float]:
-    """Return (inv_freq (head_dim/2,) float32, attention scaling factor applied to cos and sin)."""
+def inverse_frequencies(rope: dict, head_dim: int, *, long: bool = False) -> tuple[np.ndarray, float]:
+    """Return (inv_freq (head_dim/2,) float32, attention scaling factor applied to cos and sin).
+
+    `head_dim` is the number of dimensions that rotate (the head's leading `rotary_dim` under partial rotary).
+    `long` picks longrope's long factors (the context exceeds its original_max_position_embeddings)."""
     theta = float(rope["theta"])
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)  # (head_dim/2,)
@@ -29,6 +32,14 @@ def inverse_frequencies(rope: dict, head_dim: int) -> tuple[np.ndarray, float]:
         if factors.shape != inv_freq.shape:
             raise FormatError(f"rope.factors has {factors.size} entries, head_dim/2 is {inv_freq.size}")
         inv_freq = (inv_freq / factors).astype(np.float32)
+    elif kind == "longrope":
+        # LongRoPE (Ding et al. 2024, Phi-3): per-frequency rescale factors, one list for contexts within the
+        # original training length and one beyond it; cos and sin scaled by attention_factor either way
+        factors = np.asarray(rope["long_factor" if long else "short_factor"], dtype=np.float32)
+        if factors.shape != inv_freq.shape:
+            raise FormatError(f"rope factors have {factors.size} entries, rotated dims/2 is {inv_freq.size}")
+        inv_freq = (np.float32(1.0) / (factors * (np.float32(theta) ** exponents))).astype(np.float32)
+        scaling = float(rope["attention_factor"])
     elif kind == "llama3":
         inv_freq = _llama3(inv_freq, rope)
     elif kind == "yarn":
@@ -78,11 +89,12 @@ def _yarn(rope: dict, head_dim: int) -> tuple[np.ndarray, float]:
 
 
 class Rotary:
-    """Precomputed cos/sin tables for positions [0, max_positions), extended on demand."""
+    """Precomputed cos/sin tables for positions [0, max_positions), extended on demand. `head_dim`: the dimensions
+    that rotate (the leading ones of each head; the rest pass through `apply` unchanged)."""
 
-    def __init__(self, rope: dict, head_dim: int):
+    def __init__(self, rope: dict, head_dim: int, *, long: bool = False):
         self.head_dim = head_dim
-        self.inv_freq, self.scaling = inverse_frequencies(rope, head_dim)
+        self.inv_freq, self.scaling = inverse_frequencies(rope, head_dim, long=long)
         self.cos = np.empty((0, head_dim), np.float32)
         self.sin = np.empty((0, head_dim), np.float32)
 
@@ -96,11 +108,13 @@ class Rotary:
         self.sin = (np.sin(emb) * np.float32(self.scaling)).astype(np.float32)
 
     def apply(self, x: np.ndarray, start: int) -> np.ndarray:
-        """Rotate x (T, n_heads, head_dim) for positions start..start+T-1; returns a new array."""
-        t = x.shape[0]
+        """Rotate the leading `head_dim` dims of x (T, n_heads, d >= head_dim) for positions start..start+T-1;
+        returns a new array."""
+        t, r = x.shape[0], self.head_dim
         self.ensure(start + t)
-        cos = self.cos[start:start + t, None, :]  # (T, 1, head_dim)
+        cos = self.cos[start:start + t, None, :]  # (T, 1, r)
         sin = self.sin[start:start + t, None, :]
-        half = self.head_dim // 2
-        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rotated * sin
+        half = r // 2
+        xr = x[..., :r]
+        rotated = np.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+        return np.concatenate([xr * cos + rotated * sin, x[..., r:]], axis=-1)
