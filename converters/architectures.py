@@ -11,7 +11,9 @@ Each family module holds everything that differs per family, in one place:
     hf_rules(cfg), gguf_rules(cfg)      checkpoint tensors -> occrt tensors (converters/tensor_rules.py); hf_rules
                                         lists the family's HF checkpoint in its state-dict order (export writes it)
     hf_config(cfg)                      the family's own config.json for cfg (export, calibration)
-    HF_IGNORED, GGUF_IGNORED            optional: checkpoint tensors that carry nothing the model needs
+    HF_IGNORED, GGUF_IGNORED            optional: checkpoint tensors that carry nothing the model needs (a regex /
+                                        a set of names)
+    normalize_hf_name(name)             optional: one spelling for tensor names checkpoints spell two ways
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from occrt.errors import UnsupportedModelError
 from occrt.model.config import ModelConfig
 from occrt.model.loader import tensor_shapes
 
-FAMILY_MODULES = ("arch_llama",)
+FAMILY_MODULES = ("arch_llama", "arch_qwen", "arch_phi3", "arch_gpt2", "arch_gemma")
 # Buffers some HF checkpoints save that the model recomputes.
 _HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
@@ -90,7 +92,8 @@ def hf_mapper(cfg: ModelConfig) -> TensorMapper:
         return (_HF_IGNORED.fullmatch(name) is not None or (cfg.tie_word_embeddings and name == "lm_head.weight")
                 or (extra is not None and extra.fullmatch(name) is not None))
 
-    return TensorMapper(family.hf_rules(cfg), tensor_shapes(cfg), family=cfg.architecture, ignored=ignored)
+    return TensorMapper(family.hf_rules(cfg), tensor_shapes(cfg), family=cfg.architecture, ignored=ignored,
+                        normalize=getattr(family, "normalize_hf_name", lambda name: name))
 
 
 def gguf_mapper(cfg: ModelConfig) -> TensorMapper:

@@ -63,11 +63,13 @@ class TensorMapper:
     nothing the model needs (buffers such as rotary inv_freq or GPT-2's causal-mask `attn.bias`)."""
 
     def __init__(self, rules: list[TensorRule], shapes: dict[str, tuple[int, ...]], *, family: str,
-                 ignored: Callable[[str], bool] = lambda name: False):
+                 ignored: Callable[[str], bool] = lambda name: False,
+                 normalize: Callable[[str], str] = lambda name: name):
         self.rules = {r.source: r for r in rules}
         self.shapes = shapes
         self.family = family
         self.ignored = ignored
+        self.normalize = normalize  # a checkpoint's spelling -> the rules' (e.g. GPT-2 saved without `transformer.`)
 
     def names(self, source_names: Iterable[str]) -> list[str]:
         out = []
@@ -78,6 +80,7 @@ class TensorMapper:
         return out
 
     def rule(self, name: str) -> TensorRule | None:
+        name = self.normalize(name)
         rule = self.rules.get(name)
         if rule is None and not self.ignored(name):
             raise ConversionError(f"unexpected tensor {name!r} for a {self.family} model")
@@ -92,21 +95,23 @@ class TensorMapper:
         if rule.offset:
             data = (bf16_bits_to_f32(data) if dtype == "bf16" else data.astype(np.float32)) + np.float32(rule.offset)
             dtype = "f32" if dtype != "quantized" else dtype
+        for part, piece in zip(rule.parts, self.split(rule, data, t.name)):
+            yield SourceTensor(part, piece, dtype)
+
+    def split(self, rule: TensorRule, data: np.ndarray, name: str = "") -> list[np.ndarray]:
+        """The rule's layout changes alone (transpose, row order, split; no offset): also maps gradients."""
         if rule.transpose:
             data = data.T
         if rule.permute_heads:
             data = unpermute_qk(data, rule.permute_heads)
-        rows = [self.shapes[p][0] if p in self.shapes else None for p in rule.parts]
         if len(rule.parts) == 1:
-            yield SourceTensor(rule.parts[0], np.ascontiguousarray(data), dtype)
-            return
+            return [np.ascontiguousarray(data)]
+        rows = [self.shapes[p][0] if p in self.shapes else None for p in rule.parts]
         if None in rows or sum(rows) != data.shape[0]:
-            raise ConversionError(f"tensor {t.name!r} has {data.shape[0]} rows, its parts {list(rule.parts)} "
-                                  f"need {rows}")
-        start = 0
-        for part, n in zip(rule.parts, rows):
-            yield SourceTensor(part, np.ascontiguousarray(data[start:start + n]), dtype)
-            start += n
+            raise ConversionError(f"tensor {name or rule.source!r} has {data.shape[0]} rows, its parts "
+                                  f"{list(rule.parts)} need {rows}")
+        bounds = np.cumsum([0] + rows)
+        return [np.ascontiguousarray(data[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def assemble(rule: TensorRule, get: Callable[[str], np.ndarray]) -> np.ndarray:

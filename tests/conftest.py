@@ -30,19 +30,25 @@ def build_tokenizer_json(vocab_size: int) -> str:
 
 def make_llama_dir(path, *, seed: int = 0, dtype: str = "float32", **overrides) -> str:
     """Write a tiny random Llama checkpoint (config, safetensors, tokenizer) to `path`; returns the path."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab = overrides.pop("vocab_size", 320)
-    cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    cfg = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
                bos_token_id=1, eos_token_id=2, initializer_range=0.15)
     cfg.update(overrides)
+    return make_hf_dir(path, LlamaConfig, LlamaForCausalLM, cfg, seed=seed, dtype=dtype)
+
+
+def make_hf_dir(path, config_cls, model_cls, cfg: dict, *, seed: int = 0, dtype: str = "float32") -> str:
+    """Write a tiny random checkpoint of transformers' `model_cls(config_cls(**cfg))` (config, safetensors,
+    tokenizer) to `path`, seeded; returns the path."""
+    import torch
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model = model_cls(config_cls(**cfg))
     with torch.no_grad():  # norms away from 1 and non-zero biases, so a swapped tensor shows in the logits
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if p.ndim == 1 and name.endswith("weight"):  # every 1-D weight of these models is a norm's
                 p.copy_(1 + 0.3 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
@@ -50,7 +56,7 @@ def make_llama_dir(path, *, seed: int = 0, dtype: str = "float32", **overrides) 
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     with open(os.path.join(path, "tokenizer.json"), "w") as f:
-        f.write(build_tokenizer_json(vocab))
+        f.write(build_tokenizer_json(cfg["vocab_size"]))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"chat_template": CHAT_TEMPLATE, "bos_token": "<s>", "eos_token": "</s>"}, f)
     return str(path)
