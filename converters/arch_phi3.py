@@ -133,8 +133,11 @@ def gguf_rules(cfg: ModelConfig) -> list[TensorRule]:
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    # pad_token_id: Phi3Config's default (32000) would index past a smaller vocabulary; padding does not change
+    # the forward pass, and the .occ file does not record a pad token
     out = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", **common_hf_config(cfg),
-           "sliding_window": cfg.sliding_window, "partial_rotary_factor": cfg.rotary_dims / cfg.head_dim}
+           "sliding_window": cfg.sliding_window, "partial_rotary_factor": cfg.rotary_dims / cfg.head_dim,
+           "pad_token_id": None}
     if cfg.rope["type"] == "longrope":
         out["original_max_position_embeddings"] = cfg.rope["original_max_position_embeddings"]
     return out

@@ -1,7 +1,9 @@
 """`occrt export MODEL.occ --to hf DIR`: the decoded weights as a Hugging Face checkpoint, for engines that serve a
 model across machines (vLLM, TGI, SGLang, transformers itself) when one machine is not enough.
 
-    DIR/config.json                 LlamaForCausalLM config; occrt's rope dict mapped back to rope_theta + rope_scaling
+    DIR/config.json                 the family's own config (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+                                    Qwen3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel, ...: converters/arch_*.py);
+                                    occrt's rope dict mapped back to rope_theta + rope_scaling
     DIR/generation_config.json      the file's generation defaults, bos / eos ids
     DIR/tokenizer.json              the file's tokenizer, byte for byte
     DIR/tokenizer_config.json       bos / eos tokens, add_bos_token, the chat template
@@ -10,7 +12,9 @@ model across machines (vLLM, TGI, SGLang, transformers itself) when one machine 
                                     than the shard size (HF's layout)
 
 Every tensor is decoded with `OccFile.tensor` (so every codec exports) and written one at a time, so memory stays
-at about one tensor whatever the model's size. The safetensors files are written here, not by the safetensors
+at about one tensor whatever the model's size. Tensors go back to the family's own names and layout by the rules the
+converter read them with (converters/tensor_rules.py, run backwards): Phi-3's q/k/v and gate/up are fused again,
+GPT-2's weights transposed back to Conv1D. The safetensors files are written here, not by the safetensors
 package (which wants every tensor in memory at once): the format is an 8-byte little-endian header length, a JSON
 header {name: {dtype, shape, data_offsets}}, padded with spaces to a multiple of 8, then the row-major little-endian
 data. The output is deterministic (same input, same bytes) and appears whole or not at all: it is written to a
@@ -66,6 +70,8 @@ def export_hf(src: str, out_dir: str, options: ExportOptions = ExportOptions(), 
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write `src` (a .occ file) as a Hugging Face checkpoint folder `out_dir`. Returns a summary."""
     from occrt.api import check_model
+    from occrt.converters.architectures import for_architecture
+    from occrt.converters.tensor_rules import assembled_shape
     from occrt.model.loader import tensor_shapes
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -76,7 +82,9 @@ def export_hf(src: str, out_dir: str, options: ExportOptions = ExportOptions(), 
     _check_target(out_dir, options.overwrite)
     with OccFile.open(src) as occ:
         cfg, tokenizer, defaults = check_model(occ)
-        shapes = tensor_shapes(cfg)  # the order HF's state dict has: embeddings, norm, head, layer by layer
+        shapes = tensor_shapes(cfg)
+        rules = for_architecture(cfg.architecture).hf_rules(cfg)  # the family's tensors, in its state-dict order
+        hf_shapes = {r.source: assembled_shape(r, shapes) for r in rules}
         dtype = options.dtype if options.dtype != "auto" else _auto_dtype(occ, shapes)
         parent = os.path.dirname(os.path.abspath(out_dir))
         os.makedirs(parent, exist_ok=True)
@@ -85,7 +93,7 @@ def export_hf(src: str, out_dir: str, options: ExportOptions = ExportOptions(), 
             mask = os.umask(0)
             os.umask(mask)
             os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; the export gets the usual permissions
-            files = _write_weights(occ, shapes, dtype, tmp, options.max_shard_bytes)
+            files = _write_weights(occ, rules, hf_shapes, shapes, dtype, tmp, options.max_shard_bytes)
             _write_json(tmp, "config.json", hf_config(cfg, tokenizer.bos_token_id, tokenizer.eos_token_ids, dtype))
             _write_json(tmp, "generation_config.json",
                         generation_config(defaults, tokenizer.bos_token_id, tokenizer.eos_token_ids))
@@ -99,67 +107,26 @@ def export_hf(src: str, out_dir: str, options: ExportOptions = ExportOptions(), 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     n_bytes = sum(os.path.getsize(os.path.join(out_dir, f)) for f in files)
-    log(f"wrote {out_dir}: {len(shapes)} tensors in {len(files)} safetensors file(s), {n_bytes:,} bytes, {dtype}")
-    return {"tensors": len(shapes), "files": files, "bytes": n_bytes, "dtype": dtype}
+    log(f"wrote {out_dir}: {len(rules)} tensors in {len(files)} safetensors file(s), {n_bytes:,} bytes, {dtype}")
+    return {"tensors": len(rules), "files": files, "bytes": n_bytes, "dtype": dtype}
 
 
 # -- config ---------------------------------------------------------------------------------------------------------
 def hf_config(cfg: ModelConfig, bos_token_id: int | None, eos_token_ids, dtype: str) -> dict[str, Any]:
-    """`config.json` of a LlamaForCausalLM with the same forward pass. The legacy `rope_theta` + `rope_scaling`
-    form is written because every engine reads it (transformers >= 5 converts it to `rope_parameters`)."""
+    """`config.json` of the family's own Hugging Face class with the same forward pass."""
+    from occrt.converters.architectures import for_architecture
+
     eos = list(eos_token_ids)
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": cfg.hidden_act,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_bias": cfg.attention_bias,
-        "attention_dropout": 0.0,
-        "mlp_bias": cfg.mlp_bias,
-        "pretraining_tp": 1,
-        "rope_theta": float(cfg.rope["theta"]),
-        "rope_scaling": rope_scaling_to_hf(cfg.rope, cfg.max_position_embeddings),
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-        "torch_dtype": TORCH_DTYPE[dtype],
-        "use_cache": True,
-    }
+    return {**for_architecture(cfg.architecture).hf_config(cfg), "bos_token_id": bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "torch_dtype": TORCH_DTYPE[dtype],
+            "use_cache": True}
 
 
 def rope_scaling_to_hf(rope: dict[str, Any], max_position_embeddings: int) -> dict[str, Any] | None:
-    """occrt's rope dict (format_spec/occ.md 4.1) -> HF `rope_scaling`, the inverse of the converter's mapping.
+    """occrt's rope dict -> HF `rope_scaling` (converters/arch_llama.py, beside its inverse)."""
+    from occrt.converters.arch_llama import rope_scaling_to_hf as to_hf
 
-    "freq_factors" (GGUF's rope_freqs: inv_freq_i / factors_i) has no HF type of its own; HF's "longrope" with the
-    same list as short and long factors and attention_factor 1 computes exactly inv_freq_i / factors_i at every
-    length (the two lists are chosen between by length, and here they are equal)."""
-    kind = rope["type"]
-    if kind == "default":
-        return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": rope["factor"]}
-    if kind == "llama3":
-        return {"rope_type": "llama3", "factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
-                "high_freq_factor": rope["high_freq_factor"],
-                "original_max_position_embeddings": rope["original_max_position_embeddings"]}
-    if kind == "yarn":
-        out = {"rope_type": "yarn", "factor": rope["factor"],
-               "original_max_position_embeddings": rope["original_max_position_embeddings"]}
-        out.update({k: rope[k] for k in ("beta_fast", "beta_slow", "attention_factor") if k in rope})
-        return out
-    if kind == "freq_factors":
-        factors = [float(f) for f in rope["factors"]]
-        return {"rope_type": "longrope", "short_factor": factors, "long_factor": factors, "factor": 1.0,
-                "attention_factor": 1.0, "original_max_position_embeddings": max_position_embeddings}
-    raise OccError(f"rope type {kind!r} has no Hugging Face equivalent to export to")
+    return to_hf(rope, max_position_embeddings)
 
 
 def generation_config(defaults: dict[str, Any], bos_token_id: int | None, eos_token_ids) -> dict[str, Any]:
@@ -218,19 +185,29 @@ def _shards(shapes: dict[str, tuple[int, ...]], dtype: str, max_bytes: int) -> l
     return groups
 
 
-def _write_weights(occ: OccFile, shapes: dict[str, tuple[int, ...]], dtype: str, folder: str,
-                   max_shard_bytes: int) -> list[str]:
-    groups = _shards(shapes, dtype, max_shard_bytes)
+def _write_weights(occ: OccFile, rules, hf_shapes: dict[str, tuple[int, ...]],
+                   shapes: dict[str, tuple[int, ...]], dtype: str, folder: str, max_shard_bytes: int) -> list[str]:
+    from occrt.converters.tensor_rules import assemble
+
+    groups = _shards(hf_shapes, dtype, max_shard_bytes)
     if len(groups) == 1:
         names = [SINGLE_FILE]
     else:
         names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    by_name = {r.source: r for r in rules}
+
+    def produce(hf_name: str) -> np.ndarray:
+        return assemble(by_name[hf_name], lambda n: _decoded(occ, n, shapes[n]))
+
+    def written(hf_name: str) -> None:
+        for part in by_name[hf_name].parts:
+            occ.release(occ.tensors[part])
+
     weight_map: dict[str, str] = {}
     total = 0
     for file_name, group in zip(names, groups):
-        total += write_safetensors(os.path.join(folder, file_name), [(n, shapes[n]) for n in group], dtype,
-                                   lambda n: _decoded(occ, n, shapes[n]), metadata={"format": "pt"},
-                                   written=lambda n: occ.release(occ.tensors[n]))
+        total += write_safetensors(os.path.join(folder, file_name), [(n, hf_shapes[n]) for n in group], dtype,
+                                   produce, metadata={"format": "pt"}, written=written)
         weight_map.update({n: file_name for n in group})
     if len(groups) > 1:
         _write_json(folder, INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -176,6 +176,32 @@ def test_gguf_freq_factors_export_as_longrope(tiny_occ, tmp_path):
     assert np.abs(hf_logits(out, ids) - occrt_logits(path, ids)).max() < 1e-4
 
 
+@pytest.mark.parametrize("family", ["mistral_sliding", "qwen2_sliding", "qwen3", "phi3_longrope", "gpt2_untied"])
+def test_other_families_export_as_their_own_class(family, tmp_path):
+    """The export writes the family's own config and tensor layout (Phi-3's fused q/k/v and gate/up, GPT-2's Conv1D
+    weights); transformers loads it and computes occrt's logits, also from a lossy file (the split projections
+    coded separately are fused back exactly as decoded)."""
+    from tests.test_families import FAMILIES, make_family_dir
+
+    src = make_family_dir(tmp_path / "src", family, seed=5)
+    ids = (IDS * 2)[:24]  # past the sliding windows (4) and LongRoPE's original context (16)
+    for options in (ConvertOptions(), ConvertOptions(bpw=4.0)):
+        occ = str(tmp_path / "m.occ")
+        convert(src, occ, options, log=quiet)
+        out = str(tmp_path / "hf")
+        export_hf(occ, out, ExportOptions(overwrite=True), log=quiet)
+        config = json.load(open(os.path.join(out, "config.json")))
+        assert config["architectures"] == [FAMILIES[family][1]]
+        assert np.abs(hf_logits(out, ids) - occrt_logits(occ, ids)).max() < 1e-4
+        os.remove(occ)
+    if family == "phi3_longrope":
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(out, "model.safetensors"), "np") as f:
+            assert "model.layers.0.self_attn.qkv_proj.weight" in f.keys()
+            assert "model.layers.0.self_attn.q_proj.weight" not in f.keys()
+
+
 def test_existing_folders_are_kept_unless_forced(tiny_occ, tmp_path, capsys):
     out = str(tmp_path / "hf")
     assert main(["export", tiny_occ, "--to", "hf", out]) == 0
