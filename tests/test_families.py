@@ -213,3 +213,47 @@ def test_unsupported_configs_are_refused_clearly(tmp_path):
     phi = {**FAMILIES["phi3"][2], "architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}
     with pytest.raises(UnsupportedModelError, match="rope type 'dynamic'"):
         config_from_hf(dict(phi, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+
+
+@pytest.mark.parametrize("name", ["phi3", "gpt2"])
+def test_calibration_on_fused_and_conv1d_layouts(name, tmp_path):
+    """--calib builds the family's own transformers model: a fused module's input is every part's input space
+    (checked against occrt's runtime: E[x xᵀ] of layer 0's attention input), its gradient splits into one Fisher
+    value per part; the calibrated 3-bpw conversion loads and runs."""
+    from occrt.converters.calibrate import calibrate, calibration_windows
+    from occrt.converters.convert import open_source
+    from occrt.model.decoder import layer_norm, rms_norm
+    from tests.conftest import WORDS
+
+    src = make_family_dir(tmp_path / name, name, seed=4)
+    text = " ".join(WORDS * 40)
+    source = open_source(src)
+    cal = calibrate(source, text, n_tokens=200, ctx=64)
+    linear = {n for n in source.tensor_names() if n.endswith("_proj.weight")}
+    assert set(cal.fisher) == linear and all(v > 0 for v in cal.fisher.values())
+    assert len(linear) == 2 * (7 if name == "phi3" else 6)
+    # layer 0's attention input from the runtime's own tensors
+    occ = str(tmp_path / "raw.occ")
+    convert(src, occ, log=lambda msg: None)
+    model = occrt.load(occ)
+    net, cfg = model.network, model.config
+    ids = np.concatenate([np.asarray(w) for w in calibration_windows(source, text, n_tokens=200, ctx=64)])
+    starts = np.concatenate([np.arange(len(w)) for w in calibration_windows(source, text, n_tokens=200, ctx=64)])
+    e = net.embed.rows(ids).astype(np.float64)
+    if net.positions is not None:
+        e = e + net.positions.rows(starts)
+    norm = net.layers[0].attn_norm
+    x = layer_norm(e, norm.w, norm.b, cfg.rms_norm_eps) if norm.b is not None else rms_norm(e, norm.w, cfg.rms_norm_eps)
+    h = x.T @ x / len(x)
+    assert len(x) == cal.tokens
+    for proj in ("q", "k", "v"):
+        got = cal.hessian_for(f"model.layers.0.self_attn.{proj}_proj.weight")
+        assert np.allclose(got, h, rtol=1e-4, atol=1e-6 * np.abs(h).max())
+    assert cal.hessian_for("model.layers.1.mlp.down_proj.weight").shape == (96, 96)
+    model.close()
+    (tmp_path / "calib.txt").write_text(text)
+    out = str(tmp_path / "calib.occ")
+    summary = convert(src, out, ConvertOptions(bpw=3.0, calib=str(tmp_path / "calib.txt"), calib_tokens=256),
+                      log=lambda msg: None)
+    assert abs(summary["linear_bpw"] / 3.0 - 1) < 0.03
+    assert np.isfinite(occrt_logits(out, IDS)).all()
