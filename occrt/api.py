@@ -137,9 +137,9 @@ def load(path: str | os.PathLike, *, device: str = "cpu") -> Model:
 
         network = load_model(occ, config)
         if on_torch is not None:
-            from occrt.model.llama_torch import TorchLlama
+            from occrt.model.decoder_torch import TorchDecoder
 
-            network = TorchLlama.from_model(network, on_torch)
+            network = TorchDecoder.from_model(network, on_torch)
     except FormatError as e:
         occ.close()
         raise FormatError(e.reason, e.offset, path=os.fspath(path)) from None

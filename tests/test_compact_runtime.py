@@ -177,7 +177,7 @@ def test_torch_path_on_raw_weights(tiny_occ):
 
 def test_torch_forms_on_every_encoding():
     torch = pytest.importorskip("torch")
-    from occrt.model.llama_torch import TorchEcsq
+    from occrt.model.decoder_torch import TorchEcsq
 
     rng = np.random.default_rng(3)
     for enc in ENCODINGS.values():

@@ -257,3 +257,22 @@ def test_calibration_on_fused_and_conv1d_layouts(name, tmp_path):
                       log=lambda msg: None)
     assert abs(summary["linear_bpw"] / 3.0 - 1) < 0.03
     assert np.isfinite(occrt_logits(out, IDS)).all()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_torch_path_matches_the_numpy_runtime(name, converted):
+    """device torch-cpu (the CUDA path's code on the CPU): a prefill and decode steps past the window agree with
+    the numpy runtime."""
+    pytest.importorskip("torch")
+    _, occ = converted(name)
+    cpu, tch = occrt.load(occ), occrt.load(occ, device="torch-cpu")
+    assert type(tch.network).__name__ == "TorchDecoder"
+    for model in (cpu, tch):
+        model.cache = model.new_cache(len(IDS))
+    want = cpu.forward(np.asarray(IDS[:5]), cpu.cache, all_logits=True)
+    assert np.abs(tch.forward(np.asarray(IDS[:5]), tch.cache, all_logits=True) - want).max() < 1e-4
+    for token in IDS[5:]:
+        assert np.abs(tch.forward(np.asarray([token]), tch.cache) - cpu.forward(np.asarray([token]), cpu.cache)
+                      ).max() < 1e-4
+    cpu.close()
+    tch.close()

@@ -1,5 +1,5 @@
 """Which runtime a device name selects: "cpu" is the numpy + numba runtime; "cuda" / "cuda:N" is the torch path
-(occrt/model/llama_torch.py) on that GPU; "torch-cpu" is the same torch path on the CPU (how the tests cover the
+(occrt/model/decoder_torch.py) on that GPU; "torch-cpu" is the same torch path on the CPU (how the tests cover the
 CUDA code where there is no GPU). torch is imported only to check a torch device."""
 from __future__ import annotations
 

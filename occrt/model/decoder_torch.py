@@ -1,6 +1,7 @@
-"""The CUDA path: the same forward pass as occrt/model/decoder.py, in torch, from the same compact weights.
+"""The CUDA path: the same forward pass as occrt/model/decoder.py (every family's feature keys), in torch, from the
+same compact weights.
 
-`TorchLlama.from_model(model, device)` moves a loaded `LlamaModel` to a torch device: compact codes go over as they
+`TorchDecoder.from_model(model, device)` moves a loaded `DecoderModel` to a torch device: compact codes go over as they
 are (int8/int16 tensors, int4 still packed two per byte), with their row/column multipliers, structural factors and
 rotation specs; raw weights as float32 tensors. Per call, a compact layer computes
 
@@ -15,6 +16,7 @@ torch is imported here only; the numpy runtime never imports this module.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,8 +24,8 @@ import torch
 
 from occrt.kernels.hadamard import TorchHadamard
 from occrt.model.config import ModelConfig
+from occrt.model.decoder import DecoderModel, Norm
 from occrt.model.linear import Activation, DenseLinear, EcsqLinear
-from occrt.model.decoder import DecoderModel
 from occrt.model.rope import Rotary
 
 TILE_ELEMENTS = 1 << 22  # codes widened to float32 per GEMM tile (16 MB)
@@ -131,50 +133,92 @@ class TorchKVCache:
         self.length = 0
 
 
-class TorchLlama:
-    """`LlamaModel`'s interface (new_cache, forward -> numpy logits) running on a torch device."""
+@dataclass
+class TorchNorm:
+    w: torch.Tensor  # (n,)
+    b: torch.Tensor | None  # (n,) LayerNorm's bias, None for RMSNorm
 
-    def __init__(self, cfg: ModelConfig, *, embed, layers: list[dict], norm: torch.Tensor, head, device):
+
+def _norm(n: Norm | None, device) -> TorchNorm | None:
+    return None if n is None else TorchNorm(_tensor(n.w, device), _tensor(n.b, device))
+
+
+class TorchDecoder:
+    """`DecoderModel`'s interface (new_cache, forward -> numpy logits) running on a torch device."""
+
+    def __init__(self, cfg: ModelConfig, *, embed, layers: list[dict], norm: TorchNorm, head, positions, device):
         self.cfg, self.embed, self.layers, self.norm, self.head = cfg, embed, layers, norm, head
+        self.positions = positions
         self.device = torch.device(device)
-        self.rotary = Rotary(cfg.rope, cfg.head_dim)
-        self._cos = self._sin = torch.empty((0, cfg.head_dim))
-        self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
+        self.scale = cfg.attention_scale
+        self.windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
+        self._ropes = [cfg.layer_rope(i) for i in range(cfg.num_hidden_layers)]
+        self._tables: dict[tuple[int, bool], tuple[Rotary, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_model(cls, model: DecoderModel, device) -> "TorchLlama":
+    def from_model(cls, model: DecoderModel, device) -> "TorchDecoder":
         hadamards: dict = {}  # spec -> TorchHadamard, shared by the layers of one input space
         forms: dict[int, Any] = {}  # id(numpy form) -> torch form: a tied head stays the embedding's object
 
         def conv(form):
+            if form is None:
+                return None
             if id(form) not in forms:
                 forms[id(form)] = torch_form(form, device, hadamards)
             return forms[id(form)]
 
-        layers = [{"input_norm": _tensor(lw.attn_norm.w, device), "post_norm": _tensor(lw.mlp_norm.w, device),
+        layers = [{**{n: _norm(getattr(lw, n), device) for n in ("attn_norm", "mlp_norm", "q_norm", "k_norm",
+                                                                  "attn_out_norm", "mlp_out_norm")},
                    **{n: conv(getattr(lw, n)) for n in ("q", "k", "v", "o", "gate", "up", "down")}}
                   for lw in model.layers]
-        return cls(model.cfg, embed=conv(model.embed), layers=layers, norm=_tensor(model.norm.w, device),
-                   head=conv(model.head), device=device)
+        return cls(model.cfg, embed=conv(model.embed), layers=layers, norm=_norm(model.norm, device),
+                   head=conv(model.head), positions=conv(model.positions), device=device)
 
     def new_cache(self, capacity: int) -> TorchKVCache:
         capacity = min(capacity, self.cfg.max_position_embeddings)
-        self.rotary.ensure(capacity)
-        if self._cos.shape[0] < self.rotary.cos.shape[0]:
-            self._cos = torch.from_numpy(self.rotary.cos).to(self.device)  # (positions, d)
-            self._sin = torch.from_numpy(self.rotary.sin).to(self.device)
         return TorchKVCache(self.cfg, capacity, self.device)
 
-    def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        variance = (x * x).mean(dim=-1, keepdim=True)
-        return x / torch.sqrt(variance + self.cfg.rms_norm_eps) * w
+    def _rotary(self, layer: int, cache: TorchKVCache, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin tables (positions, rotary dims) of `layer` for `cache`'s context (as DecoderModel.rotary)."""
+        rope = self._ropes[layer]
+        long = rope["type"] == "longrope" and cache.capacity > rope["original_max_position_embeddings"]
+        key = (id(rope), long)
+        if key not in self._tables:
+            self._tables[key] = (Rotary(rope, self.cfg.rotary_dims, long=long), None, None)
+        rotary, cos, sin = self._tables[key]
+        if cos is None or cos.shape[0] < n_positions:
+            rotary.ensure(max(n_positions, cache.capacity))
+            cos = torch.from_numpy(rotary.cos).to(self.device)
+            sin = torch.from_numpy(rotary.sin).to(self.device)
+            self._tables[key] = (rotary, cos, sin)
+        return cos, sin
 
-    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x (T, heads, d), rotate-half convention as occrt.model.rope."""
-        t, half = x.shape[0], x.shape[-1] // 2
-        cos = self._cos[start:start + t, None, :]
-        sin = self._sin[start:start + t, None, :]
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    def _norm(self, x: torch.Tensor, n: TorchNorm) -> torch.Tensor:
+        eps = self.cfg.rms_norm_eps
+        if n.b is None:
+            return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * n.w
+        c = x - x.mean(dim=-1, keepdim=True)
+        return c / torch.sqrt((c * c).mean(dim=-1, keepdim=True) + eps) * n.w + n.b
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.hidden_act == "gelu_tanh":
+            return torch.nn.functional.gelu(x, approximate="tanh")
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+        return x if cap is None else torch.tanh(x / cap) * cap
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+        """x (T, heads, d): rotate-half on the leading cos.shape[1] dims, as occrt.model.rope."""
+        t, r = x.shape[0], cos.shape[1]
+        half = r // 2
+        c = cos[start:start + t, None, :]
+        s = sin[start:start + t, None, :]
+        xr = x[..., :r]
+        rotated = xr * c + torch.cat([-xr[..., half:], xr[..., :half]], dim=-1) * s
+        return torch.cat([rotated, x[..., r:]], dim=-1) if r < x.shape[-1] else rotated
 
     @torch.no_grad()
     def forward(self, tokens, cache: TorchKVCache, *, all_logits: bool = False) -> np.ndarray:
@@ -188,33 +232,52 @@ class TorchLlama:
             raise ValueError("forward needs at least one token")
         h_, kv_, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x = self.embed.rows(torch.from_numpy(tokens).to(self.device))  # (T, D)
+        if cfg.embedding_scale != 1.0:
+            x = x * torch.tensor(cfg.embedding_scale, dtype=torch.float32)
+        if self.positions is not None:
+            x = x + self.positions.rows(torch.arange(start, start + t, device=self.device))
         for i, layer in enumerate(self.layers):
-            h = Activation(self._rms_norm(x, layer["input_norm"]))
-            q = self._rope(layer["q"](h).reshape(t, h_, d), start)  # (T, H, d)
-            k = self._rope(layer["k"](h).reshape(t, kv_, d), start)  # (T, KV, d)
+            h = Activation(self._norm(x, layer["attn_norm"]))
+            q = layer["q"](h).reshape(t, h_, d)  # (T, H, d)
+            k = layer["k"](h).reshape(t, kv_, d)  # (T, KV, d)
             v = layer["v"](h).reshape(t, kv_, d)
+            if layer["q_norm"] is not None:
+                q, k = self._norm(q, layer["q_norm"]), self._norm(k, layer["k_norm"])
+            if cfg.position_type == "rope":
+                cos, sin = self._rotary(i, cache, start + t)
+                q, k = self._rope(q, cos, sin, start), self._rope(k, cos, sin, start)
             cache.k[i, :, start:start + t] = k.transpose(0, 1)
             cache.v[i, :, start:start + t] = v.transpose(0, 1)
-            a = self._attention(q, cache.k[i, :, :start + t], cache.v[i, :, :start + t], start)  # (T, H·d)
-            x = x + layer["o"](a)
-            h = Activation(self._rms_norm(x, layer["post_norm"]))
-            g = layer["gate"](h)
-            x = x + layer["down"](g * torch.sigmoid(g) * layer["up"](h))
+            a = self._attention(q, cache.k[i, :, :start + t], cache.v[i, :, :start + t], start,
+                                self.windows[i])  # (T, H·d)
+            y = layer["o"](a)
+            x = x + (y if layer["attn_out_norm"] is None else self._norm(y, layer["attn_out_norm"]))
+            h = Activation(self._norm(x, layer["mlp_norm"]))
+            if layer["gate"] is None:
+                m = self._act(layer["up"](h))
+            else:
+                m = self._act(layer["gate"](h)) * layer["up"](h)
+            y = layer["down"](m)
+            x = x + (y if layer["mlp_out_norm"] is None else self._norm(y, layer["mlp_out_norm"]))
         cache.length = start + t
         if not all_logits:
             x = x[-1:]
-        logits = self.head(self._rms_norm(x, self.norm)).float().cpu().numpy()  # (T or 1, vocab)
+        logits = self._softcap(self.head(self._norm(x, self.norm)), cfg.final_logit_softcapping)
+        logits = logits.float().cpu().numpy()  # (T or 1, vocab)
         return logits if all_logits else logits[0]
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int) -> torch.Tensor:
         t, n_heads, d = q.shape
         n_kv, s = k.shape[0], k.shape[1]
         qg = q.reshape(t, n_kv, n_heads // n_kv, d).permute(1, 2, 0, 3)  # (KV, G, T, d)
-        scores = (qg @ k[:, None].transpose(-1, -2)) * self.scale  # (KV, G, T, S)
-        if t > 1:
-            pos = torch.arange(s, device=q.device)[None, :]
-            mask = pos > (start + torch.arange(t, device=q.device))[:, None]  # (T, S)
-            scores = scores.masked_fill(mask, float("-inf"))
+        scores = self._softcap((qg @ k[:, None].transpose(-1, -2)) * self.scale,
+                               self.cfg.attn_logit_softcapping)  # (KV, G, T, S)
+        pos = torch.arange(s, device=q.device)[None, :]
+        now = (start + torch.arange(t, device=q.device))[:, None]
+        hidden = pos > now  # (T, S)
+        if window:
+            hidden |= pos <= now - window
+        scores = scores.masked_fill(hidden, float("-inf"))
         p = torch.softmax(scores, dim=-1)
         out = p @ v[:, None]  # (KV, G, T, d)
         return out.permute(2, 0, 1, 3).reshape(t, n_heads * d)
