@@ -79,6 +79,7 @@ def _checked_tensors(source: Source, expected: dict[str, tuple[int, ...]]) -> It
 
 def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, log) -> dict[str, Any]:
     cfg = source.config
+    text = ""
     expected = tensor_shapes(cfg)
     if options.calib is not None:
         from occrt.converters.calibrate import calibrate
@@ -116,14 +117,16 @@ def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, lo
         w.set_metadata("provenance", {**source.provenance, "converter": f"occrt {occrt.__version__}"})
         if policy.two_pass or options.lossless:
             w.set_metadata("codec.entropy_coder", ans.CODER_INFO)
+        tuned = _tuned_records(source, expected, policy, options, text, log) if options.tune_steps else None
         for t in _checked_tensors(source, expected):
-            enc = policy.encode(t)
+            enc = policy.encode(t) if tuned is None else tuned.pop(t.name)
             w.add_tensor(t.name, enc)
             seen.add(t.name)
             n_params += t.data.size
             if policy.is_linear(t.name):
                 linear_bits += record_bits(enc)
                 linear_params += t.data.size
+            del enc, t  # before the next tensor is read: one tensor and its record in memory at a time
         missing = sorted(set(expected) - seen)
         if missing:
             raise ConversionError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
@@ -138,3 +141,37 @@ def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, lo
         off = 100 * (summary["linear_bpw"] / options.bpw - 1)
         log(f"linear layers: {summary['linear_bpw']:.4f} bits per weight (target {options.bpw}, {off:+.2f} %)")
     return summary
+
+
+def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy: Policy, options: ConvertOptions,
+                   text: str, log) -> dict[str, Any]:
+    """--tune-steps: code every tensor first (records held in memory: the compressed model), then fit the linear
+    layers' step multipliers and the norm gains by distillation from the source (converters/finetune.py)."""
+    from occrt.codecs.raw import RawCodec
+    from occrt.converters.calibrate import calibration_model, calibration_windows
+    from occrt.converters.finetune import decode_record, tune_scales
+    from occrt.converters.policy import EMBEDDINGS, as_f32
+
+    started = time.monotonic()
+    teacher, _ = calibration_model(source)
+    params = dict(teacher.named_parameters())
+    records: dict[str, Any] = {}
+    gains: dict[str, np.ndarray] = {}
+    for t in _checked_tensors(source, expected):
+        records[t.name] = policy.encode(t)
+        # norm gains the torch model holds as they are stored (not e.g. Gemma's 1 + w) are tuned with the scales
+        if t.name.endswith("norm.weight") and t.name in params and np.array_equal(
+                params[t.name].detach().numpy(), as_f32(t)):
+            gains[t.name] = as_f32(t).copy()
+    linear = {n: e for n, e in records.items() if policy.is_linear(n)}
+    unknown = sorted(set(linear) - set(params))
+    if unknown:
+        raise ConversionError(f"--tune-steps: the torch model of a {source.config.architecture} model has no "
+                              f"parameter {unknown[0]!r}")
+    fixed = {n: decode_record(e) for n, e in records.items() if n in EMBEDDINGS and n in params}
+    windows = calibration_windows(source, text, n_tokens=options.calib_tokens, ctx=512)
+    linear, gains = tune_scales(teacher, linear, fixed, gains, windows, steps=options.tune_steps, log=log)
+    records.update(linear)
+    records.update({n: RawCodec.encode(g, dtype="f32") for n, g in gains.items()})
+    log(f"tuning: {len(linear)} tensors and {len(gains)} gains in {time.monotonic() - started:.1f} s")
+    return records

@@ -9,6 +9,8 @@
     --calib FILE       (with --bpw) inputs rotated by default; each tensor's distortion weighted by its loss
                        sensitivity (Fisher); codes rounded with error feedback under the inputs' second moments
                        (converters/calibrate.py, converters/gptq.py)
+    --tune-steps N     (with --calib) linear layers carry per-row and per-column step multipliers, fitted with
+                       the norm gains after coding by distillation from the source model (converters/finetune.py)
 
 With --bpw, conversion makes two passes over the source: the first measures each tensor's rate-distortion curves
 (`measure`), `finalize` allocates the budget, the second encodes (`encode`). Only one tensor is in memory at a time.
@@ -63,6 +65,7 @@ class CodingOptions:
     seed: int = 0  # rotation seeds derive from this
     calib: str | None = None  # calibration text file: error-feedback rounding and sensitivity-weighted allocation
     calib_tokens: int = DEFAULT_TOKENS
+    tune_steps: int = 0  # with calib: steps of end-to-end tuning of the step multipliers (converters/finetune.py)
     chunk_size: int = ans.DEFAULT_CHUNK_SIZE
 
     def validate(self) -> None:
@@ -76,6 +79,10 @@ class CodingOptions:
             raise ConversionError("--calib needs --bpw (calibration steers the lossy codec)")
         if not 16 <= self.calib_tokens <= 1 << 22:
             raise ConversionError(f"--calib-tokens must be in [16, 4194304], got {self.calib_tokens}")
+        if self.tune_steps and self.calib is None:
+            raise ConversionError("--tune-steps needs --calib (the tuning distils the source model on that text)")
+        if not 0 <= self.tune_steps <= 1 << 20:
+            raise ConversionError(f"--tune-steps must be in [0, 1048576], got {self.tune_steps}")
         if self.rotate is not None and self.rotate not in ROTATIONS:
             raise ConversionError(f"--rotate must be one of {ROTATIONS}, got {self.rotate!r}")
         if not self.ranks or any(r < 0 for r in self.ranks):
@@ -139,17 +146,26 @@ class Policy:
         sides = {"none": (None, None), "in": (rot_in, None), "out": (None, rot_out), "both": (rot_in, rot_out)}
         r_in, r_out = sides[self.rotate]
         ranks = sorted({min(r, n_out, n_in) for r in self.o.ranks})
-        return [{"rank": r, "rot_in": r_in, "rot_out": r_out, "row_scales": False} for r in ranks]
+        # with tuning, unit multipliers a = b = 1 from the start: the rate control counts their bytes, the tuning
+        # (after every tensor is coded) fills in their values
+        unit = self.o.tune_steps > 0
+        return [{"rank": r, "rot_in": r_in, "rot_out": r_out, "row_scales": False, "unit_scales": unit}
+                for r in ranks]
 
     @staticmethod
     def _frame(w: np.ndarray, opts: dict[str, Any]) -> CodingFrame:
         row_scales = None
         if opts["row_scales"]:
-            rms = np.sqrt(np.mean(w.astype(np.float64) ** 2, axis=1))  # (n_out,) per-row step multipliers
+            rms = np.empty(w.shape[0])  # (n_out,) per-row step multipliers; in blocks of rows (float64 copies)
+            for a in range(0, w.shape[0], 256):
+                rms[a:a + 256] = np.sqrt(np.mean(w[a:a + 256].astype(np.float64) ** 2, axis=1))
             row_scales = np.maximum(rms, max(float(rms.max()) * 1e-3, 1e-30))
             row_scales = np.clip(row_scales / float(np.median(row_scales)), 2.0 ** -14, 6e4)
+        col_scales = None
+        if opts.get("unit_scales"):
+            row_scales, col_scales = np.ones(w.shape[0]), np.ones(w.shape[1])
         return CodingFrame(w, rank=opts["rank"], rot_in=opts["rot_in"], rot_out=opts["rot_out"],
-                           row_scales=row_scales)
+                           row_scales=row_scales, col_scales=col_scales)
 
     @staticmethod
     def _feedback_factor(h: np.ndarray, frame: CodingFrame) -> np.ndarray:

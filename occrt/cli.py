@@ -26,7 +26,8 @@ def _convert(args: argparse.Namespace) -> int:
     from occrt.converters.convert import ConvertOptions, convert
     options = ConvertOptions(dtype=args.dtype, overwrite=args.force, bpw=args.bpw, lossless=args.lossless,
                              rotate=args.rotate, ranks=tuple(args.ranks), embed_bpw=args.embed_bpw,
-                             seed=args.seed, calib=args.calib, calib_tokens=args.calib_tokens)
+                             seed=args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
+                             tune_steps=args.tune_steps)
     convert(args.src, args.output, options)
     return 0
 
@@ -236,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "by each tensor's loss sensitivity")
     c.add_argument("--calib-tokens", type=_positive_int, default=8192,
                    help="tokens of the calibration text to use (default: 8192)")
+    c.add_argument("--tune-steps", type=_non_negative_int, default=0,
+                   help="with --calib: steps of end-to-end tuning of the step multipliers and norm gains by "
+                        "distillation from the source model (default: 0, off)")
     c.add_argument("--ranks", type=_rank_list, default=[0],
                    help="with --bpw: structural ranks the rate control may choose per tensor, e.g. 0,8,32 "
                         "(default: 0)")
