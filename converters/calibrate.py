@@ -105,18 +105,25 @@ def calibration_model(source: Source):
 
 
 def _materialize_rotary(model, cfg: ModelConfig) -> None:
-    """Rotary buffers are not in the checkpoint (the model was built on the meta device): occrt's own frequencies."""
+    """Buffers the checkpoint does not hold (the model was built on the meta device): occrt's own rotary
+    frequencies, one set per layer type where the model keeps several (Gemma 3's `{layer_type}_inv_freq`, the local
+    rope on sliding layers), and Gemma's embedding scale."""
     import torch
 
     from occrt.model.rope import inverse_frequencies
 
+    ropes = {"": cfg.rope, "full_attention_": cfg.rope, "sliding_attention_": cfg.rope_local or cfg.rope}
     for module in model.modules():
-        inv = getattr(module, "inv_freq", None)
-        if isinstance(inv, torch.Tensor) and inv.is_meta:
-            inv_freq, scaling = inverse_frequencies(cfg.rope, cfg.rotary_dims)
-            module.inv_freq = torch.from_numpy(inv_freq.copy())
-            module.original_inv_freq = module.inv_freq
-            module.attention_scaling = scaling
+        for prefix, rope in ropes.items():
+            inv = getattr(module, prefix + "inv_freq", None)
+            if isinstance(inv, torch.Tensor) and inv.is_meta:
+                inv_freq, scaling = inverse_frequencies(rope, cfg.rotary_dims)
+                setattr(module, prefix + "inv_freq", torch.from_numpy(inv_freq.copy()))
+                setattr(module, prefix + "original_inv_freq", getattr(module, prefix + "inv_freq"))
+                setattr(module, prefix + "attention_scaling", scaling)
+        scale = getattr(module, "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.is_meta:
+            module.embed_scale = torch.tensor(cfg.embedding_scale, dtype=torch.float32)
 
 
 def calibrate(source: Source, text: str, *, n_tokens: int = DEFAULT_TOKENS, ctx: int = 512,

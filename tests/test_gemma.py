@@ -298,3 +298,71 @@ def test_tiny_gemma3_gguf_matches_transformers_on_the_same_file(tmp_path):
     assert np.abs(stored - ref_model.model.layers[0].pre_feedforward_layernorm.weight.detach().numpy() - 1).max() \
         < 1e-6
     assert np.abs(occrt_logits(out, IDS) - ref).max() < 1e-4
+
+
+# --- the rest of the toolchain on Gemma ---------------------------------------------------------------------------
+
+def test_export_writes_gemma_checkpoints_transformers_reads(gemma, tmp_path):
+    """occrt export --to hf: the Gemma class and config (soft-caps, layer types, local rope, query scalar) and the
+    norms back as w (the +1 taken off); transformers computes occrt's logits from a raw and a 4-bpw file."""
+    from occrt.converters.convert import ConvertOptions
+    from occrt.export import ExportOptions, export_hf
+
+    src, raw = gemma
+    family = json.load(open(os.path.join(src, "config.json")))["model_type"]
+    for options in (None, ConvertOptions(bpw=4.0)):
+        occ = raw
+        if options is not None:
+            occ = str(tmp_path / "lossy.occ")
+            convert(src, occ, options, log=lambda msg: None)
+        out = str(tmp_path / "hf")
+        export_hf(occ, out, ExportOptions(overwrite=True), log=lambda msg: None)
+        config = json.load(open(os.path.join(out, "config.json")))
+        assert config["model_type"] == family
+        assert np.abs(hf_logits(out, IDS) - occrt_logits(occ, IDS)).max() < 1e-4
+    from safetensors.numpy import load_file
+
+    name = "model.layers.1.post_feedforward_layernorm.weight"
+    exported, source = (load_file(os.path.join(d, "model.safetensors"))[name] for d in (out, src))
+    assert np.abs(exported - source).max() <= 2.0 ** -23  # (1 + w) - 1: w up to float32's rounding of 1 + w
+
+
+def test_torch_path_matches_the_numpy_runtime(gemma):
+    """device torch-cpu (the CUDA path's code): a prefill and decode steps past the window agree with numpy."""
+    _, occ = gemma
+    cpu, tch = occrt.load(occ), occrt.load(occ, device="torch-cpu")
+    caches = [m.new_cache(len(IDS)) for m in (cpu, tch)]
+    want = cpu.forward(np.asarray(IDS[:4]), caches[0], all_logits=True)
+    assert np.abs(tch.forward(np.asarray(IDS[:4]), caches[1], all_logits=True) - want).max() < 1e-4
+    for token in IDS[4:]:
+        assert np.abs(tch.forward(np.asarray([token]), caches[1]) - cpu.forward(np.asarray([token]), caches[0])
+                      ).max() < 1e-4
+    cpu.close()
+    tch.close()
+
+
+def test_calibration_sees_the_runtime_inputs(gemma, tmp_path):
+    """--calib runs transformers' Gemma built from the converted tensors (norms back to w): the second moment of
+    layer 0's attention input equals the runtime's (scaled embedding, norm multiplier 1 + w); a calibrated 3-bpw
+    conversion runs."""
+    from occrt.converters.calibrate import calibrate, calibration_windows
+    from occrt.converters.convert import ConvertOptions, open_source
+    from occrt.model.decoder import rms_norm
+    from tests.conftest import WORDS
+
+    src, occ = gemma
+    text = " ".join(WORDS * 40)
+    source = open_source(src)
+    cal = calibrate(source, text, n_tokens=200, ctx=64)
+    net, cfg = occrt.load(occ).network, source.config
+    ids = np.concatenate([np.asarray(w) for w in calibration_windows(source, text, n_tokens=200, ctx=64)])
+    x = rms_norm(net.embed.rows(ids).astype(np.float64) * cfg.embedding_scale, net.layers[0].attn_norm.w,
+                 cfg.rms_norm_eps)
+    h = x.T @ x / len(x)
+    got = cal.hessian_for("model.layers.0.self_attn.q_proj.weight")
+    assert np.allclose(got, h, rtol=1e-4, atol=1e-6 * np.abs(h).max())
+    (tmp_path / "calib.txt").write_text(text)
+    out = str(tmp_path / "calib.occ")
+    convert(src, out, ConvertOptions(bpw=3.0, calib=str(tmp_path / "calib.txt"), calib_tokens=256),
+            log=lambda msg: None)
+    assert np.isfinite(occrt_logits(out, IDS)).all()
