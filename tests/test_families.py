@@ -276,3 +276,21 @@ def test_torch_path_matches_the_numpy_runtime(name, converted):
                       ).max() < 1e-4
     cpu.close()
     tch.close()
+
+
+def test_gpt2_checkpoint_in_the_original_spelling(tmp_path):
+    """openai-community/gpt2's safetensors spell names without `transformer.` and carry the causal-mask buffers
+    `h.{i}.attn.bias`: the same model converts from that spelling."""
+    from safetensors.numpy import load_file, save_file
+
+    src = make_family_dir(tmp_path / "hf", "gpt2", seed=2)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    old = {name.removeprefix("transformer."): a for name, a in tensors.items()}
+    for i in range(2):
+        old[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 256, 256), np.float32))
+    assert "wte.weight" in old and not any(n.startswith("transformer.") for n in old)
+    save_file(old, os.path.join(src, "model.safetensors"))
+    out = str(tmp_path / "m.occ")
+    convert(src, out, log=lambda msg: None)
+    save_file(tensors, os.path.join(src, "model.safetensors"))  # transformers reads its own spelling
+    assert np.abs(occrt_logits(out, IDS) - hf_logits(src, IDS)).max() < 1e-4
