@@ -217,7 +217,7 @@ def test_multimodal_gemma3_and_bad_configs_are_refused_clearly(tmp_path):
         config_from_hf(dict(good, use_bidirectional_attention=True))
 
 
-# --- a tiny Gemma 3 GGUF in llama.cpp's layout --------------------------------------------------------------------
+# --- tiny Gemma GGUF files in llama.cpp's layout -------------------------------------------------------------------
 
 _GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
@@ -226,10 +226,11 @@ _GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "se
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-def write_gemma3_gguf(src_dir: str, path: str) -> None:
-    """The checkpoint in `src_dir` as llama.cpp's converter lays out a Gemma 3 GGUF: its tensor names, norm weights
-    stored as 1 + w, a sentencepiece-style vocabulary; float32 tensors. Defaults it cannot record (every sixth layer
-    global, local rope base 10000, query_pre_attn_scalar = head_dim) must hold for `src_dir`'s config."""
+def write_gemma_gguf(src_dir: str, path: str) -> None:
+    """The checkpoint in `src_dir` as llama.cpp's converter lays out a Gemma 2 / Gemma 3 GGUF: its tensor names,
+    norm weights stored as 1 + w, Gemma 2's soft-caps, a sentencepiece-style vocabulary; float32 tensors. What the
+    file cannot record (Gemma 2 alternates layers, Gemma 3 makes every sixth global with local rope base 10000,
+    query_pre_attn_scalar = head_dim) must hold for `src_dir`'s config."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -237,7 +238,8 @@ def write_gemma3_gguf(src_dir: str, path: str) -> None:
 
     with open(os.path.join(src_dir, "config.json")) as f:
         hf = json.load(f)
-    g = gguf.GGUFWriter(path, "gemma3")
+    arch = {"gemma2": "gemma2", "gemma3_text": "gemma3"}[hf["model_type"]]
+    g = gguf.GGUFWriter(path, arch)
     g.add_context_length(hf["max_position_embeddings"])
     g.add_embedding_length(hf["hidden_size"])
     g.add_block_count(hf["num_hidden_layers"])
@@ -247,8 +249,12 @@ def write_gemma3_gguf(src_dir: str, path: str) -> None:
     g.add_key_length(hf["head_dim"])
     g.add_value_length(hf["head_dim"])
     g.add_layer_norm_rms_eps(hf["rms_norm_eps"])
-    g.add_rope_freq_base(hf["rope_parameters"]["full_attention"]["rope_theta"])
+    rope = hf["rope_parameters"]
+    g.add_rope_freq_base(rope["full_attention"]["rope_theta"] if arch == "gemma3" else rope["rope_theta"])
     g.add_sliding_window(hf["sliding_window"])
+    if arch == "gemma2":
+        g.add_attn_logit_softcapping(hf["attn_logit_softcapping"])
+        g.add_final_logit_softcapping(hf["final_logit_softcapping"])
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
     pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581"] + sorted(set("".join(WORDS)))
     pieces += sorted({"\u2581" + w for w in WORDS})
@@ -279,14 +285,19 @@ def write_gemma3_gguf(src_dir: str, path: str) -> None:
     g.close()
 
 
-def test_tiny_gemma3_gguf_matches_transformers_on_the_same_file(tmp_path):
+# transformers' GGUF reader takes Gemma 2's soft-caps from its config defaults (50, 30), not from the file
+GGUF_CASES = {"gemma2": dict(num_hidden_layers=4, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+              "gemma3": dict(num_hidden_layers=6, sliding_window_pattern=6, rope_local_base_freq=10000.0)}
+
+
+@pytest.mark.parametrize("family", sorted(GGUF_CASES))
+def test_tiny_gguf_matches_transformers_on_the_same_file(family, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    src = make_gemma_dir(tmp_path / "src", "gemma3", num_hidden_layers=6, sliding_window_pattern=6,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
-                         rope_local_base_freq=10000.0, seed=11)
-    write_gemma3_gguf(src, str(tmp_path / "tiny.gguf"))
+    src = make_gemma_dir(tmp_path / "src", family, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                         query_pre_attn_scalar=256, seed=11, **GGUF_CASES[family])
+    write_gemma_gguf(src, str(tmp_path / "tiny.gguf"))
     ref_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32)
     with torch.no_grad():
         ref = ref_model(torch.tensor([IDS])).logits[0].numpy()
