@@ -1,6 +1,7 @@
 """Hugging Face checkpoint directories: config.json, tokenizer files, one or more safetensors shards.
 
-Tensors are read one at a time from the memory-mapped shards, so conversion never holds the whole model.
+Tensors are read one at a time from the memory-mapped shards (converters/safetensors_file.py), so conversion never
+holds the whole model.
 """
 from __future__ import annotations
 
@@ -9,13 +10,10 @@ import json
 import os
 from typing import Any, Iterator
 
-import numpy as np
-
 from occrt.converters.architectures import config_from_hf, hf_mapper
+from occrt.converters.safetensors_file import SafetensorsFile
 from occrt.converters.source import Source, SourceTensor, TokenizerInfo, file_record
 from occrt.errors import ConversionError
-
-_SAFETENSORS_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -64,19 +62,14 @@ class HFDirectorySource(Source):
         return shards
 
     def _index_tensors(self) -> dict[str, tuple[str, str]]:
-        from safetensors import safe_open
-
+        """name -> (shard, occrt dtype); every shard's header is validated here, before a tensor is read."""
         index: dict[str, tuple[str, str]] = {}
         for shard in self.shards:
-            with safe_open(shard, framework="pt") as f:
-                for name in f.keys():
+            with SafetensorsFile(shard) as f:
+                for name, entry in f.entries.items():
                     if name in index:
-                        raise ConversionError(f"tensor {name!r} appears in two shards")
-                    dtype = f.get_slice(name).get_dtype()
-                    if dtype not in _SAFETENSORS_DTYPES:
-                        raise ConversionError(f"{shard}: tensor {name!r} has dtype {dtype}; "
-                                              f"supported: {sorted(_SAFETENSORS_DTYPES)}")
-                    index[name] = (shard, dtype)
+                        raise ConversionError(f"tensor {name!r} appears in two shards: {index[name][0]} and {shard}")
+                    index[name] = (shard, entry.dtype)
         return index
 
     def _tokenizer(self, config) -> TokenizerInfo:
@@ -133,17 +126,10 @@ class HFDirectorySource(Source):
         return self._mapper.names(self._index)
 
     def tensors(self) -> Iterator[SourceTensor]:
-        from safetensors import safe_open
-
+        """One tensor at a time, read-only views of the mapped shard (bf16 as its bits); each tensor's pages are
+        handed back once the consumer asks for the next, so the resident set holds about one tensor of the shards."""
         for shard in self.shards:
-            with safe_open(shard, framework="pt") as f:
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    dtype = _SAFETENSORS_DTYPES[self._index[name][1]]
-                    if dtype == "bf16":
-                        import torch
-
-                        data = t.contiguous().view(torch.int16).numpy().view(np.uint16)
-                    else:
-                        data = t.numpy()
-                    yield from self._mapper.apply(SourceTensor(name, data, dtype))
+            with SafetensorsFile(shard) as f:
+                for name, entry in f.entries.items():
+                    yield from self._mapper.apply(SourceTensor(name, f.tensor(name), entry.dtype))
+                    f.release(name)

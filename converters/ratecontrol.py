@@ -55,18 +55,32 @@ class Choice:
     distortion: float
 
 
+def sample_positions(n: int, k: int, seed: int) -> np.ndarray:
+    """k distinct positions in [0, n), ascending, every k-subset equally likely. Memory: n bytes of flags (numpy's
+    `choice(n, k, replace=False)` shuffles an n-long int64 array when k > n / 50: twice a float32 tensor's size).
+    Uniform draws with replacement; repeats are drawn again (each new distinct position is uniform over those not
+    yet taken, as in drawing without replacement)."""
+    rng = np.random.default_rng(seed)
+    taken = np.zeros(n, dtype=bool)
+    count = 0
+    while count < k:
+        taken[rng.integers(0, n, size=k - count)] = True
+        count = int(np.count_nonzero(taken))
+    return np.flatnonzero(taken)
+
+
 def measure(name: str, frame: CodingFrame, options: dict[str, Any], *, importance: float = 1.0,
             sample: int = 1 << 17, chunk_size: int = ans.DEFAULT_CHUNK_SIZE, seed: int = 0) -> Candidate:
     """The RD curve of one coding frame of a tensor."""
     res = frame.residual.reshape(-1)
     n = res.size
-    idx = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False)) if n > sample else None
+    idx = sample_positions(n, sample, seed) if n > sample else None
     res_s = res if idx is None else res[idx]
     if frame.scale2.size == 1:
         scale2_s: np.ndarray | float = float(frame.scale2.reshape(-1)[0])
     else:
-        scale2 = np.broadcast_to(frame.scale2, frame.shape).reshape(-1)
-        scale2_s = scale2 if idx is None else scale2[idx]
+        scale2 = np.broadcast_to(frame.scale2, frame.shape)  # a view: flattening it would copy n float64
+        scale2_s = scale2.reshape(-1) if idx is None else scale2[np.divmod(idx, frame.shape[1])]
     factor = n / max(res_s.size, 1)
     rms = float(np.sqrt(np.mean(res_s.astype(np.float64) ** 2))) if res_s.size else 0.0
     rms = rms if rms > 0 else 1.0

@@ -50,7 +50,7 @@ class Source:
         pass
 
 
-def sha256_file(path: str, chunk: int = 16 << 20) -> str:
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:

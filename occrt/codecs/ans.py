@@ -217,6 +217,9 @@ def quantize_frequencies(counts: np.ndarray, *, precision: int) -> np.ndarray:
     return freqs
 
 
+_HISTOGRAM_BLOCK = 1 << 18  # symbols counted at a time (3 MiB of temporaries)
+
+
 def _histogram(s: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     """The distinct values a table range may cover and their counts: (values (D,) int64 ascending, counts (D,) int64
     > 0, n_outside, outside_bytes).
@@ -227,8 +230,11 @@ def _histogram(s: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     """
     lo_v, hi_v = int(s.min()), int(s.max())
     if hi_v - lo_v < MAX_RANGE:
-        # s is int32 and every difference fits in 20 bits, so the int32 subtraction is exact.
-        counts = np.bincount(s - np.int32(lo_v), minlength=hi_v - lo_v + 1)
+        # s is int32 and every difference fits in 20 bits, so the int32 subtraction is exact. In blocks: bincount
+        # widens its input to int64, which for a whole tensor would be twice the symbols' size in temporaries.
+        counts = np.zeros(hi_v - lo_v + 1, dtype=np.int64)
+        for a in range(0, s.size, _HISTOGRAM_BLOCK):
+            counts += np.bincount(s[a:a + _HISTOGRAM_BLOCK] - np.int32(lo_v), minlength=hi_v - lo_v + 1)
         present = np.flatnonzero(counts)
         return present.astype(np.int64) + lo_v, counts[present].astype(np.int64), 0, 0
     s64 = s.astype(np.int64)
@@ -386,16 +392,22 @@ def encode_symbols(symbols: np.ndarray, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
     n, k = plan.n_symbols, plan.n_range
     m = plan.freqs.size
 
-    # Model indices: range entries s - lo, the escape entry k for everything outside the range.
-    if plan.has_escape:
-        idx = s.astype(np.int64) - plan.lo
-        escaped = (idx < 0) | (idx >= k)
+    # Model indices: range entries s - lo, the escape entry k for everything outside the range. Made chunk by chunk
+    # as the coder takes them, so no second array of the symbols' size exists.
+    cs, lo = plan.chunk_size, np.int32(plan.lo)
+
+    def chunk(j: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(model indices of chunk j, its escaped positions or None)"""
+        part = s[j * cs:(j + 1) * cs]
+        if not plan.has_escape:
+            return (part - lo if plan.lo else np.ascontiguousarray(part)), None
+        escaped = (part < plan.lo) | (part >= plan.lo + k)  # compared as Python ints: no overflow
+        idx = np.subtract(part, lo, dtype=np.int32)  # wraps around only where escaped, and those are overwritten
         idx[escaped] = k
-        idx = idx.astype(np.int32)
-        esc_pos = np.flatnonzero(escaped)
-    else:
-        idx = (s - np.int32(plan.lo)) if plan.lo else s
-        esc_pos = np.zeros(0, dtype=np.int64)
+        return idx, np.flatnonzero(escaped)
+
+    esc_parts = [chunk(j)[1] + j * cs for j in range(plan.n_chunks)] if plan.has_escape else []
+    esc_pos = np.concatenate(esc_parts) if esc_parts else np.zeros(0, dtype=np.int64)
     esc_chunk = esc_pos // plan.chunk_size
     n_escapes = np.bincount(esc_chunk, minlength=plan.n_chunks).astype(np.int64)
     esc_codes = _zigzag(s[esc_pos].astype(np.int64))
@@ -411,7 +423,7 @@ def encode_symbols(symbols: np.ndarray, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
             words.append(np.zeros(0, dtype=np.uint32))
             continue
         coder = constriction.stream.stack.AnsCoder()
-        coder.encode_reverse(np.ascontiguousarray(idx[j * plan.chunk_size:(j + 1) * plan.chunk_size]), model)
+        coder.encode_reverse(chunk(j)[0], model)
         words.append(np.asarray(coder.get_compressed(), dtype=np.uint32))
 
     table = _varint_encode(plan.freqs - 1)
@@ -431,8 +443,8 @@ def encode_symbols(symbols: np.ndarray, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
     header = struct.pack(HEADER_FORMAT, MAGIC, FORMAT_VERSION, CODER_RANS32, precision, flags, n, plan.chunk_size,
                          plan.n_chunks, plan.lo, k, table.size, 0)
     parts = [header, table.tobytes(), bytes(index_offset - HEADER_SIZE - table.size), index.tobytes()]
-    parts += [w.astype("<u4").tobytes() for w in words]
-    parts.append(escape_data.tobytes())
+    parts += [memoryview(w.astype("<u4", copy=False)) for w in words]  # joined without an intermediate copy
+    parts.append(memoryview(escape_data))
     return b"".join(parts)
 
 

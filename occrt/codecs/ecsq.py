@@ -190,6 +190,9 @@ def to_f16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(x, dtype=np.float64), -65504, 65504).astype(np.float16)
 
 
+_ROUND_BLOCK = 1 << 18  # elements rounded at a time in CodingFrame.codes (1 MiB of float32 temporaries)
+
+
 class CodingFrame:
     """One matrix prepared for coding: rotated, structural part removed, steps' per-row/column multipliers fixed.
 
@@ -226,12 +229,23 @@ class CodingFrame:
             self.scale = self.scale * self.a.astype(np.float32)[:, None]
         if self.b is not None:
             self.scale = self.scale * self.b.astype(np.float32)[None, :]
-        self.residual = np.ascontiguousarray(t / self.scale, dtype=np.float32)  # (n_out, n_in)
+        # (n_out, n_in); without multipliers t itself (x / 1 == x), which may be a read-only view of the source
+        self.residual = t if self.scale.size == 1 and self.scale[0, 0] == 1 else \
+            np.ascontiguousarray(t / self.scale, dtype=np.float32)
         # distortion is measured in the coding frame, where the rotation keeps it equal to the weight error
         self.scale2 = (self.scale.astype(np.float64) ** 2)
 
     def codes(self, step: float) -> np.ndarray:
-        return np.rint(self.residual * np.float32(1.0 / step)).astype(np.int32)
+        """round(residual / Δ) as int32, (n_out, n_in); rounded in blocks, so the only full-size array is the
+        codes (the same values as np.rint(residual * (1/Δ)).astype(int32) in one go)."""
+        inv = np.float32(1.0 / step)
+        out = np.empty(self.shape, dtype=np.int32)
+        r, o = self.residual.reshape(-1), out.reshape(-1)
+        for a in range(0, r.size, _ROUND_BLOCK):
+            q = r[a:a + _ROUND_BLOCK] * inv
+            np.rint(q, out=q)
+            o[a:a + _ROUND_BLOCK] = q  # float32 -> int32, as astype
+        return out
 
     def distortion(self, step: float, codes: np.ndarray | None = None) -> float:
         """Σ (W - Ŵ)² in the coding frame (= in the original frame: the rotations are orthogonal)."""

@@ -17,7 +17,7 @@ starting at a multiple of 8 bytes. `params` is {}.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -35,14 +35,41 @@ def _align8(n: int) -> int:
 
 def split(bits: np.ndarray, dtype: str) -> list[np.ndarray]:
     """The streams of `bits` (u16 for bf16/f16, u32 for f32), as int32 symbols."""
-    b = bits.astype(np.uint32).reshape(-1)
+    return list(iter_streams(bits, dtype))
+
+
+def iter_streams(bits: np.ndarray, dtype: str) -> Iterator[np.ndarray]:
+    """`split`'s streams one at a time, each computed when asked for: an encoder that codes each before asking for
+    the next holds one stream (the tensor's size in int32) at a time, not all of them."""
+    b = bits.reshape(-1)
     if dtype == "bf16":
-        fields = [(b >> 7) & 0xFF, ((b >> 15) << 7) | (b & 0x7F)]
+        yield _field(b, 7, 0xFF)
+        yield _or(_field(b, 15, 0x1, 7), _field(b, 0, 0x7F))
     elif dtype == "f16":
-        fields = [(b >> 10) & 0x1F, ((b >> 15) << 10) | (b & 0x3FF)]
+        yield _field(b, 10, 0x1F)
+        yield _or(_field(b, 15, 0x1, 10), _field(b, 0, 0x3FF))
     else:
-        fields = [(b >> 23) & 0xFF, ((b >> 31) << 7) | ((b >> 16) & 0x7F), (b >> 8) & 0xFF, b & 0xFF]
-    return [f.astype(np.int32) for f in fields]
+        yield _field(b, 23, 0xFF)
+        yield _or(_field(b, 31, 0x1, 7), _field(b, 16, 0x7F))
+        yield _field(b, 8, 0xFF)
+        yield _field(b, 0, 0xFF)
+
+
+def _or(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a |= b  # in place: no third array
+    return a
+
+
+def _field(b: np.ndarray, shift: int, mask: int, up: int = 0) -> np.ndarray:
+    """((b >> shift) & mask) << up as int32 (every stream is below 2^16), in one new array of b's length."""
+    if b.dtype == np.uint32:
+        x = (b >> shift).view(np.int32)  # the logical shift happens in uint32; the mask then clears the sign
+    else:
+        x = b.astype(np.int32)  # from uint16: non-negative, so int32's arithmetic shift is the logical one
+        x >>= shift
+    x &= mask
+    x <<= up
+    return x
 
 
 def join(streams: list[np.ndarray], dtype: str) -> np.ndarray:
@@ -106,7 +133,10 @@ class PlanesCodec(Codec):
             bits = np.ascontiguousarray(w, dtype=np.float16).view(np.uint16)
         else:
             bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
-        blocks = [ans.encode_symbols(s, chunk_size=chunk_size) for s in split(bits, dtype)]
+        blocks = []
+        for symbols in iter_streams(bits, dtype):
+            blocks.append(ans.encode_symbols(symbols, chunk_size=chunk_size))
+            del symbols  # before the next stream is computed
         head = struct.pack(f"<{len(blocks)}Q", *(len(b) for b in blocks))
         parts: list[bytes] = [head + bytes(_align8(len(head)) - len(head))]
         for i, b in enumerate(blocks):

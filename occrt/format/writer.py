@@ -39,6 +39,7 @@ from occrt.errors import FormatError, OccError
 from occrt.format import constants as C
 
 STALE_SECONDS = 60  # an unlocked temporary untouched this long belongs to a writer that is gone
+COPY_BUFFER = 1 << 20  # spool -> output in pieces of this size: copying runs at disk speed, memory stays small
 
 
 def canonical_json(value: Any) -> bytes:
@@ -199,7 +200,7 @@ class OccWriter:
                 out.write(header)
                 out.write(b"\0" * (data_start - C.PRELUDE_SIZE - len(header)))
                 with open(self._spool_path, "rb") as spool:  # the spool stays open (and locked) meanwhile
-                    shutil.copyfileobj(spool, out, 16 << 20)
+                    shutil.copyfileobj(spool, out, COPY_BUFFER)
                 out.flush()
                 os.fsync(out.fileno())
             # The spool goes before the rename, so a finished output never leaves a temporary behind it.
