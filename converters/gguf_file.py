@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from occrt.converters.architectures import config_from_gguf, gguf_mapper
-from occrt.converters.source import Source, SourceTensor, TokenizerInfo, file_record
+from occrt.converters.source import Source, SourceTensor, TokenizerInfo, file_record, release_pages
 from occrt.errors import ConversionError
 
 
@@ -92,3 +92,6 @@ class GGUFSource(Source):
 
                 data = f32_to_bf16_bits(data)  # exact: the values came from bf16
             yield from self._mapper.apply(SourceTensor(t.name, data, dtype))
+            # the reader maps the whole file: hand this tensor's pages back (converters/source.py release_pages)
+            release_pages(getattr(self.reader.data, "_mmap", None), int(t.data_offset),
+                          int(t.data_offset) + int(t.n_bytes))

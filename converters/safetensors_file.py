@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from occrt.converters.source import release_pages
 from occrt.errors import ConversionError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors package's own cap
@@ -125,10 +126,7 @@ class SafetensorsFile:
         """Hand the pages under tensor `name` back to the kernel (those it shares with a neighbour's go too; they
         come back on the neighbour's next read)."""
         e = self.entries[name]
-        if self._map is None or e.end == e.begin or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = e.begin - e.begin % mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_DONTNEED, start, e.end - start)
+        release_pages(self._map, e.begin, e.end)
 
     def close(self) -> None:
         if self._map is not None:

@@ -6,6 +6,7 @@ defaults, provenance, and the tensors under Hugging Face names, one at a time (s
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -63,3 +64,14 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
 def file_record(path: str, root: str | None = None) -> dict[str, Any]:
     name = os.path.relpath(path, root) if root else os.path.basename(path)
     return {"name": name, "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def release_pages(mapping: mmap.mmap | None, begin: int, end: int) -> None:
+    """Tell the kernel this process is done with bytes [begin, end) of a read-only shared file mapping (madvise
+    MADV_DONTNEED): their pages leave the resident set. Reading them again faults them back in from the page cache
+    or the file, so arrays that still view them stay valid. The pages that [begin, end) shares with its neighbours
+    go too (they come back the same way). A no-op where the platform lacks MADV_DONTNEED."""
+    if mapping is None or end <= begin or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = begin - begin % mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
