@@ -94,7 +94,7 @@ ENTRY_POINTS = {
                 "qgemm_parallel", "qgemm_i4", "qgemm_i4_parallel", "dequantize_rows", "dequantize_rows_i4"],
     "ans_decode": ["decode_chunk", "decode_chunks"],
     "hadamard": ["_apply_vec", "_apply_rows", "_apply_rows_serial"],
-    "layers": ["add_rms_norm", "rope_and_cache", "attention", "silu_mul"],
+    "layers": ["add_rms_norm", "add_layer_norm", "rope_and_cache", "cache_write", "attention", "act_mul", "act_inplace"],
 }
 
 
