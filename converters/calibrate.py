@@ -46,16 +46,6 @@ class Calibration:
         return None if m is None else self.hessians.get(f"{m.group(1)}.{_SPACE[m.group(2)]}")
 
 
-def hf_llama_config(cfg: ModelConfig) -> dict:
-    """A transformers LlamaConfig for `cfg` (rope frequencies are set on the module afterwards, for every rope type)."""
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-                max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
-                attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias, hidden_act=cfg.hidden_act,
-                rope_theta=float(cfg.rope["theta"]))
-
-
 def calibration_windows(source: Source, text: str, *, n_tokens: int, ctx: int) -> list[list[int]]:
     from tokenizers import Tokenizer
 
