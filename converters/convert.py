@@ -23,6 +23,7 @@ from occrt.codecs import ans
 from occrt.converters.policy import CodingOptions, Policy, record_bits
 from occrt.errors import ConversionError
 from occrt.format.writer import OccWriter
+from occrt.progress import Progress
 from occrt.model.loader import tensor_shapes
 
 # Tensors some checkpoints carry that the model recomputes or does not use.
@@ -35,29 +36,32 @@ class ConvertOptions(CodingOptions):
 
 
 def open_source(path: str) -> Source:
-    if os.path.isdir(path):
+    """A checkpoint directory, a GGUF file or a Hugging Face model id in the local cache (converters/locate.py)."""
+    from occrt.converters.locate import locate
+
+    where = locate(path)
+    if where.kind == "gguf":
+        from occrt.converters.gguf_file import GGUFSource
+
+        source: Source = GGUFSource(where.path)
+    else:
         from occrt.converters.hf_dir import HFDirectorySource
 
-        return HFDirectorySource(path)
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic == b"GGUF":
-            from occrt.converters.gguf_file import GGUFSource
-
-            return GGUFSource(path)
-        raise ConversionError(f"{path}: not a GGUF file (magic {magic!r}) and not a checkpoint directory")
-    raise ConversionError(f"{path}: no such file or directory")
+        source = HFDirectorySource(where.path)
+    if where.model_id is not None:
+        source.provenance.update(source_name=where.model_id, source_revision=where.revision)
+    return source
 
 
 def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), *,
-            log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Convert `src` to `out`. Returns a summary (tensor count, bytes, parameters, achieved bits per weight)."""
+            log: Callable[[str], None] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Convert `src` to `out`. Returns a summary (tensor count, bytes, parameters, achieved bits per weight).
+    `progress`: a bar per pass on stderr (occrt/progress.py)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     policy = Policy(options)
     source = open_source(src)
     try:
-        return _write(source, out, options, policy, log)
+        return _write(source, out, options, policy, log, progress)
     finally:
         source.close()
 
@@ -77,10 +81,22 @@ def _checked_tensors(source: Source, expected: dict[str, tuple[int, ...]]) -> It
         yield t
 
 
-def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, log) -> dict[str, Any]:
-    cfg = source.config
+def checked_pass(source: Source, expected: dict[str, tuple[int, ...]], desc: str, *,
+                 progress: bool) -> Iterator[SourceTensor]:
+    """One pass over the source's tensors (checked), with a progress bar named `desc` when asked for."""
+    with Progress(desc, sum(int(np.prod(s, dtype=np.int64)) for s in expected.values()), enabled=progress) as bar:
+        for t in _checked_tensors(source, expected):
+            bar.start(t.name)
+            n_weights, n_bytes = int(t.data.size), int(t.data.nbytes)
+            yield t
+            bar.done(n_weights, n_bytes)
+
+
+def prepare(source: Source, options: ConvertOptions, policy: Policy, log, progress: bool) -> str:
+    """What comes before writing: calibration (--calib) and the rate control's measure pass (--bpw); returns the
+    calibration text ("" without --calib)."""
     text = ""
-    expected = tensor_shapes(cfg)
+    expected = tensor_shapes(source.config)
     if options.calib is not None:
         from occrt.converters.calibrate import calibrate
 
@@ -95,30 +111,46 @@ def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, lo
         log(f"calibration: {calibration.tokens} tokens in {time.monotonic() - started:.1f} s")
     if policy.two_pass:
         started = time.monotonic()
-        for t in _checked_tensors(source, expected):
+        log(f"rate control: measuring {len(expected)} tensors")
+        for t in checked_pass(source, expected, "measure", progress=progress):
             policy.measure(t)
         policy.finalize()
         log(f"rate control: {len(policy.chosen)} tensors measured and allocated in "
             f"{time.monotonic() - started:.1f} s")
+    return text
+
+
+def file_metadata(source: Source, options: ConvertOptions, policy: Policy) -> dict[str, Any]:
+    """The metadata a conversion writes (format_spec/occ.md 4)."""
+    cfg, tok = source.config, source.tokenizer
+    meta: dict[str, Any] = {
+        "general.architecture": cfg.architecture, "model.config": cfg.to_json(),
+        "tokenizer.format": "huggingface-tokenizers-json", "tokenizer.bos_token_id": tok.bos_token_id,
+        "tokenizer.eos_token_ids": list(tok.eos_token_ids), "tokenizer.add_bos_token": tok.add_bos_token,
+        "chat.template": tok.chat_template, "generation.defaults": source.generation_defaults,
+        "provenance": {**source.provenance, "converter": f"occrt {occrt.__version__}"}}
+    if policy.two_pass or options.lossless:
+        meta["codec.entropy_coder"] = ans.CODER_INFO
+    return meta
+
+
+def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, log, progress: bool) -> dict[str, Any]:
+    cfg = source.config
+    expected = tensor_shapes(cfg)
+    if not source.tokenizer.chat_template:
+        log("note: the source has no chat template: the .occ file continues plain prompts, and chat "
+            "(occrt generate without --prompt, /v1/chat/completions) will refuse")
+    text = prepare(source, options, policy, log, progress)
     seen: set[str] = set()
     n_params = 0
     linear_bits = linear_params = 0
     with OccWriter(out, overwrite=options.overwrite) as w:
-        w.set_metadata("general.architecture", cfg.architecture)
-        w.set_metadata("model.config", cfg.to_json())
-        tok = source.tokenizer
-        w.add_blob("tokenizer.json", tok.tokenizer_json)
-        w.set_metadata("tokenizer.format", "huggingface-tokenizers-json")
-        w.set_metadata("tokenizer.bos_token_id", tok.bos_token_id)
-        w.set_metadata("tokenizer.eos_token_ids", list(tok.eos_token_ids))
-        w.set_metadata("tokenizer.add_bos_token", tok.add_bos_token)
-        w.set_metadata("chat.template", tok.chat_template)
-        w.set_metadata("generation.defaults", source.generation_defaults)
-        w.set_metadata("provenance", {**source.provenance, "converter": f"occrt {occrt.__version__}"})
-        if policy.two_pass or options.lossless:
-            w.set_metadata("codec.entropy_coder", ans.CODER_INFO)
+        w.add_blob("tokenizer.json", source.tokenizer.tokenizer_json)
+        for key, value in file_metadata(source, options, policy).items():
+            w.set_metadata(key, value)
         tuned = _tuned_records(source, expected, policy, options, text, log) if options.tune_steps else None
-        for t in _checked_tensors(source, expected):
+        log(f"writing {out}: {len(expected)} tensors")
+        for t in checked_pass(source, expected, "encode", progress=progress):
             enc = policy.encode(t) if tuned is None else tuned.pop(t.name)
             w.add_tensor(t.name, enc)
             seen.add(t.name)

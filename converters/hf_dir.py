@@ -101,6 +101,11 @@ class HFDirectorySource(Source):
                              chat_template=template)
 
     def _tokenizer_json_via_transformers(self) -> bytes:
+        slow_files = ("tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt")
+        if not any(os.path.isfile(os.path.join(self.root, f)) for f in slow_files):
+            raise ConversionError(f"{self.root}: no tokenizer: tokenizer.json is missing (nor is there a "
+                                  f"{' / '.join(slow_files)} for transformers to convert); copy the model's "
+                                  f"tokenizer files into this folder")
         try:
             from transformers import AutoTokenizer
 

@@ -109,6 +109,7 @@ class Policy:
         self.embed_curves: dict[str, TensorCurves] = {}
         self.chosen: dict[str, tuple[dict[str, Any], float]] = {}  # name -> (frame options, step)
         self.report: dict[str, Any] = {}
+        self.estimated_bits: dict[str, float] = {}  # name -> estimated record bits of each tensor `chosen` holds
         self.calibration: Calibration | None = None
         self.rotate = options.rotate or ("in" if options.calib else "none")
         self._fisher_scale = 1.0
@@ -202,6 +203,7 @@ class Policy:
             for name, c in zip(names, choices):
                 cand = group[name].candidates[c.candidate]
                 self.chosen[name] = (cand.options, float(cand.steps[c.step_index]))
+                self.estimated_bits[name] = c.bits  # the record's size as the rate control estimated it
         self.report["linear_params"] = sum(c.n_params for c in self.curves.values())
 
     # -- pass 2 -------------------------------------------------------------------------------------------------------

@@ -124,18 +124,19 @@ class Model:
         self.file.close()
 
 
-def load(path: str | os.PathLike, *, device: str = "cpu") -> Model:
+def load(path: str | os.PathLike, *, device: str = "cpu", progress: bool = False) -> Model:
     """Open a `.occ` file and make it ready to generate. Raises FormatError if the file is not valid.
 
     `device`: "cpu" (numpy + numba, compact weights), "cuda" / "cuda:N" (torch on that GPU, from the same compact
-    weights; OccError if CUDA is not available), or "torch-cpu" (that torch path on the CPU)."""
+    weights; OccError if CUDA is not available), or "torch-cpu" (that torch path on the CPU). `progress`: a bar on
+    stderr while the compressed tensors decode (occrt/progress.py)."""
     on_torch = torch_device(device)
     occ = OccFile.open(path)
     try:
         config, tokenizer, defaults = check_model(occ)
         from occrt.model.loader import load_model
 
-        network = load_model(occ, config)
+        network = load_model(occ, config, progress=progress)
         if on_torch is not None:
             from occrt.model.decoder_torch import TorchDecoder
 

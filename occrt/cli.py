@@ -1,8 +1,9 @@
 """The `occrt` command: a thin layer over the library. The only place that parses arguments.
 
-    occrt convert SRC -o OUT.occ [--bpw B | --lossless | --dtype auto|f32|f16|bf16] [--force] ...
+    occrt convert SRC -o OUT.occ [--bpw B | --lossless | --dtype auto|f32|f16|bf16] [--force] [--progress|--quiet]
+    occrt convert SRC --dry-run [--bpw B ...] [--json]      SRC: a directory, a GGUF file or ORG/NAME[@REV] (HF cache)
     occrt generate MODEL.occ [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-                             [--device cpu|cuda]
+                             [--device cpu|cuda] [--progress|--quiet]
     occrt bench MODEL.occ [--prompt-tokens N] [--new-tokens N] [--runs R] [--device cpu|cuda] [--json]
     occrt inspect MODEL.occ [--json]
     occrt verify MODEL.occ [--json]
@@ -28,8 +29,47 @@ def _convert(args: argparse.Namespace) -> int:
                              rotate=args.rotate, ranks=tuple(args.ranks), embed_bpw=args.embed_bpw,
                              seed=args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
                              tune_steps=args.tune_steps)
-    convert(args.src, args.output, options)
+    progress = _show_progress(args)
+    log = (lambda msg: None) if args.quiet else None
+    if args.dry_run:
+        from occrt.converters.plan import plan_conversion, render
+        from occrt.converters.policy import Policy
+
+        plan = plan_conversion(args.src, options, log=log, progress=progress)
+        if args.json:
+            json.dump(plan.to_json(), sys.stdout, indent=1)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(render(plan, Policy.is_linear))
+        return 0
+    if args.output is None:
+        raise OccError("convert: -o/--output is required (or --dry-run, to print the plan without writing)")
+    before = _file_identity(args.output)
+    try:
+        convert(args.src, args.output, options, log=log, progress=progress)
+    except KeyboardInterrupt:
+        # the writer removed its temporaries on the way out; say whether the rename (the commit point) happened
+        after = _file_identity(args.output)
+        done = after is not None and after != before
+        print(f"occrt: interrupted; {args.output} " + ("had been written in full just before" if done else
+              "was not written (no partial or temporary file is left)"), file=sys.stderr)
+        return 130
     return 0
+
+
+def _file_identity(path: str) -> tuple[int, int, int] | None:
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    """Bars when asked (--progress), else when stderr is a terminal; never with --quiet."""
+    return not getattr(args, "quiet", False) and (args.progress or sys.stderr.isatty())
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -47,7 +87,12 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 def _generate(args: argparse.Namespace) -> int:
     import occrt
 
-    model = occrt.load(args.model, device=args.device)
+    if args.prompt is None:  # chat: refuse before loading a model that cannot chat
+        with _open(args.model) as occ:
+            if not occ.metadata.get("chat.template"):
+                raise OccError(f"{args.model}: the model has no chat template, so it cannot chat; continue a plain "
+                               f"prompt with --prompt TEXT")
+    model = occrt.load(args.model, device=args.device, progress=_show_progress(args))
     out = sys.stdout
     if args.prompt is not None:
         for piece in model.generate(args.prompt, stream=True, **_sampling_kwargs(args)):
@@ -218,9 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"occrt {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint directory or a GGUF file to .occ")
-    c.add_argument("src", help="checkpoint directory (config.json, tokenizer, *.safetensors) or .gguf file")
-    c.add_argument("-o", "--output", required=True, help="the .occ file to write")
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint (directory or model id in the local cache) "
+                       "or a GGUF file to .occ")
+    c.add_argument("src", help="checkpoint directory (config.json, tokenizer, *.safetensors), .gguf file, or "
+                               "Hugging Face model id ORG/NAME[@REVISION] already in the local cache "
+                               "($HF_HUB_CACHE or $HF_HOME/hub; never downloaded)")
+    c.add_argument("-o", "--output", default=None, help="the .occ file to write (required unless --dry-run)")
+    c.add_argument("--dry-run", action="store_true",
+                   help="print the plan (each tensor's codec, bits per weight, estimated bytes; the estimated file "
+                        "size) and write nothing; with --bpw the rate control measures, nothing is encoded")
+    c.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    c.add_argument("--progress", action="store_true", help="progress bars on stderr even when it is not a terminal")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no log lines (errors only)")
     c.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
                    help="storage dtype of the raw codec (auto: as in the source; GGUF blocks become f32)")
     c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
@@ -260,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
     g.add_argument("--device", default="cpu", help="cpu (default: numpy + numba) or cuda / cuda:N (torch on a GPU)")
+    g.add_argument("--progress", action="store_true",
+                   help="a progress bar on stderr while loading, even when it is not a terminal")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(run=_generate)
 
     b = sub.add_parser("bench", help="load time, prefill and decode tokens/s, peak resident memory of a .occ file")

@@ -1,5 +1,5 @@
 """Interrupting `occrt convert`: SIGKILL or SIGINT at random points never leaves a file under the output name; SIGINT
-leaves nothing at all; what a SIGKILL leaves (hidden temporaries) the next writer for that name removes once stale;
+leaves nothing at all, whichever phase it lands in (calibration, the rate control's measure pass, encoding); what a SIGKILL leaves (hidden temporaries) the next writer for that name removes once stale;
 an existing output is kept unless --force.
 
 The kill points are seeded (OCCRT_KILL_SEED, default 0; OCCRT_KILL_ITERATIONS, default 4): half at a random time
@@ -47,11 +47,12 @@ def _temporaries(out: Path) -> list[Path]:
 def _kill_once(src: str, out: Path, sig: int, after_spool: bool, delay: float) -> tuple[bool, int]:
     """Start a conversion, send `sig` after `delay` seconds (counted from the spool's appearance if `after_spool`).
     Returns (whether the signal arrived before the process ended, its exit status)."""
+    earlier = set(_temporaries(out))  # an earlier SIGKILL's leftovers: not this writer's spool
     proc = subprocess.Popen(_convert_cmd(src, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         start = time.monotonic()
         if after_spool:
-            while proc.poll() is None and not _temporaries(out) and time.monotonic() - start < 60:
+            while proc.poll() is None and not set(_temporaries(out)) - earlier and time.monotonic() - start < 60:
                 time.sleep(0.0005)
             start = time.monotonic()
         while proc.poll() is None and time.monotonic() - start < delay:
@@ -75,6 +76,7 @@ def test_killing_convert_never_leaves_an_output(medium_llama_dir, tmp_path):
     log = []
     for _, (sig, after_spool) in zip(range(ITERATIONS), plans):
         delay = rng.uniform(0, WRITING_WINDOW) if after_spool else rng.uniform(0, 3.0)
+        left_before = set(_temporaries(out))  # an earlier SIGKILL's, not yet stale
         delivered, status = _kill_once(medium_llama_dir, out, sig, after_spool, delay)
         log.append((sig.name, "writing" if after_spool else "any time", round(delay, 3), delivered, status))
         if out.exists():
@@ -82,8 +84,8 @@ def test_killing_convert_never_leaves_an_output(medium_llama_dir, tmp_path):
             # complete file; before it, there is no file. Never a partial one.
             OccFile.open(out).verify()
             out.unlink()
-        if sig == signal.SIGINT:
-            assert not _temporaries(out), (log, _temporaries(out))
+        if sig == signal.SIGINT:  # removes its own temporaries (a SIGKILL's wait until they are stale)
+            assert set(_temporaries(out)) == left_before, (log, _temporaries(out))
             assert status in (0, 130, -signal.SIGINT), log  # 130: occrt's own exit after cleaning up
         else:
             for p in _temporaries(out):  # what a SIGKILL left: hidden, and only these names
@@ -147,3 +149,46 @@ def test_sigint_while_writing_cleans_up_in_process(tmp_path):
             w.add_tensor("a", RawCodec.encode(np.ones(8, np.float32)))
             raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
+
+
+# phase -> (extra flags, the line that starts it, the line that would end it)
+PHASES = {
+    "calibration": (("--bpw", "3", "--calib", "{calib}", "--calib-tokens", "8192"), "calibration: window 1/",
+                    " tokens in "),
+    "measure": (("--bpw", "3"), "rate control: measuring", "measured and allocated"),
+    "encode": (("--bpw", "3"), "writing ", "wrote "),
+}
+
+
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_ctrl_c_in_each_phase_leaves_nothing(medium_llama_dir, tmp_path, phase):
+    """SIGINT as each phase starts (read off the log): exit 130 with a one-line message, no output, no temporary."""
+    from tests.conftest import WORDS
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(WORDS * 800))
+    flags, start, end = PHASES[phase]
+    out = tmp_path / "out.occ"
+    cmd = _convert_cmd(medium_llama_dir, out, *(f.format(calib=calib) for f in flags))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith(start):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    log = "".join(seen) + rest
+    assert seen and seen[-1].startswith(start), log  # the signal went in during the phase ...
+    after = rest.splitlines()
+    assert not any(end in line and not line.startswith(start) for line in after), log  # ... which did not finish
+    assert proc.returncode == 130, log
+    assert after[-1] == f"occrt: interrupted; {out} was not written (no partial or temporary file is left)", log
+    assert not out.exists() and not _temporaries(out), os.listdir(tmp_path)

@@ -16,6 +16,7 @@ starting at a multiple of 8 bytes. `params` is {}.
 """
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any, Iterator
 
@@ -82,6 +83,30 @@ def join(streams: list[np.ndarray], dtype: str) -> np.ndarray:
     return ((s[1] >> 7) << 31) | (s[0] << 23) | ((s[1] & 0x7F) << 16) | (s[2] << 8) | s[3]
 
 
+def bit_patterns(w: np.ndarray, dtype: str) -> np.ndarray:
+    """`w`'s IEEE bit patterns in `dtype` (u16 for bf16/f16, u32 for f32); bf16 may be given as '<u2' bits."""
+    if dtype == "bf16":
+        return w if w.dtype == np.uint16 else f32_to_bf16_bits(np.asarray(w, dtype=np.float32))
+    if dtype == "f16":
+        return np.ascontiguousarray(w, dtype=np.float16).view(np.uint16)
+    return np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+
+
+def _head_bytes(n_streams: int) -> int:
+    return _align8(struct.calcsize(f"<{n_streams}Q"))
+
+
+def estimate_payload_bytes(w: np.ndarray, *, dtype: str = "f32", chunk_size: int = ans.DEFAULT_CHUNK_SIZE) -> float:
+    """The size `PlanesCodec.encode` would give, without coding: the head, then each stream's block as
+    ans.estimate_bits has it (within ~0.5 %), padded to 8 bytes but the last."""
+    total = float(_head_bytes(STREAMS[dtype]))
+    sizes = []
+    for symbols in iter_streams(bit_patterns(w, dtype), dtype):
+        sizes.append(ans.estimate_bits(symbols, chunk_size=chunk_size) / 8)
+        del symbols
+    return total + sum(b if i + 1 == len(sizes) else _align8(math.ceil(b)) for i, b in enumerate(sizes))
+
+
 class PlanesCodec(Codec):
     id = 2
     name = "planes"
@@ -127,12 +152,7 @@ class PlanesCodec(Codec):
         """Lossless for values representable in `dtype` (bf16 may be given as '<u2' bit patterns)."""
         if dtype not in STREAMS:
             raise ValueError(f"planes codec: unknown dtype {dtype!r}")
-        if dtype == "bf16":
-            bits = w if w.dtype == np.uint16 else f32_to_bf16_bits(np.asarray(w, dtype=np.float32))
-        elif dtype == "f16":
-            bits = np.ascontiguousarray(w, dtype=np.float16).view(np.uint16)
-        else:
-            bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+        bits = bit_patterns(w, dtype)
         blocks = []
         for symbols in iter_streams(bits, dtype):
             blocks.append(ans.encode_symbols(symbols, chunk_size=chunk_size))

@@ -14,6 +14,7 @@ import numpy as np
 
 from occrt.errors import FormatError
 from occrt.format.reader import OccFile
+from occrt.progress import Progress
 from occrt.model.config import ModelConfig
 from occrt.model.linear import FORMS, PARALLEL_MIN_WEIGHTS, DenseLinear, available_cpus
 from occrt.model.decoder import DecoderModel, LayerWeights, Norm
@@ -91,10 +92,10 @@ def _f32(occ: OccFile, name: str) -> np.ndarray:
     return a.copy() if occ.tensors[name].length < RAW_COPY_MAX else a
 
 
-def decode_forms(occ: OccFile, names: list[str], *, threads: int) -> dict[str, Any]:
+def decode_forms(occ: OccFile, names: list[str], *, threads: int, progress: bool = False) -> dict[str, Any]:
     """The runtime form of each named matrix. Raw tensors are views; the others are decoded on `threads` threads in
     file order (so the file's pages are read, and released, as one moving window); a tensor holding more than its
-    share of the work also spreads its ANS chunks over threads."""
+    share of the work also spreads its ANS chunks over threads. `progress`: a bar on stderr over the decoded ones."""
     forms: dict[str, Any] = {}
     coded = []
     for name in names:
@@ -120,21 +121,24 @@ def decode_forms(occ: OccFile, names: list[str], *, threads: int) -> dict[str, A
                 raise FormatError(f"tensor {name!r}: {e.reason}",
                                   None if e.offset is None else entry.offset + e.offset, path=occ.path) from None
         occ.release(entry)
+        bar.done(entry.n_elements, entry.length, name)
         return form
 
-    if threads <= 1 or len(coded) <= 1:
-        forms.update((name, one(name)) for name in coded)
-        return forms
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        forms.update(zip(coded, pool.map(one, coded)))
+    with Progress("decode", total, enabled=progress and bool(coded)) as bar:
+        if threads <= 1 or len(coded) <= 1:
+            forms.update((name, one(name)) for name in coded)
+            return forms
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            forms.update(zip(coded, pool.map(one, coded)))
     return forms
 
 
 def load_model(occ: OccFile, cfg: ModelConfig, *, threads: int | None = None,
-               parallel_kernels: bool = False) -> DecoderModel:
+               parallel_kernels: bool = False, progress: bool = False) -> DecoderModel:
     """The model in its runtime form. `threads`: decoding threads (default: every CPU this process may use).
     `parallel_kernels`: spread the rows of large matrices (>= linear.PARALLEL_MIN_WEIGHTS weights) over numba's
-    threads when decoding a token (off by default: see linear.PARALLEL_MIN_WEIGHTS)."""
+    threads when decoding a token (off by default: see linear.PARALLEL_MIN_WEIGHTS). `progress`: a bar on stderr
+    while the compressed tensors decode."""
     shapes = tensor_shapes(cfg)
     check_tensors(occ, cfg)
     views = [e for e in occ.tensors.values() if e.codec == 0 and e.dtype == "f32" and e.length >= RAW_COPY_MAX]
@@ -143,7 +147,7 @@ def load_model(occ: OccFile, cfg: ModelConfig, *, threads: int | None = None,
     vectors = {name: _f32(occ, name) for name, shape in shapes.items() if len(shape) == 1}
     occ.release_all(keep=views)
     matrices = [name for name, shape in shapes.items() if len(shape) == 2]
-    forms = decode_forms(occ, matrices, threads=threads or available_cpus())
+    forms = decode_forms(occ, matrices, threads=threads or available_cpus(), progress=progress)
     occ.release_all(keep=views)
     if parallel_kernels:
         for form in forms.values():
