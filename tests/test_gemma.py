@@ -141,10 +141,10 @@ def test_each_feature_moves_the_reference(family, change, tmp_path):
 
 
 def test_variants_match_transformers(tmp_path):
-    """Gemma 3 with untied head, linear rope scaling on the global layers, a final soft-cap and MQA; Gemma 2 with
-    one layer per type."""
+    """Gemma 3 with untied head, linear rope scaling on the global layers, a final soft-cap, MQA, and an attention
+    soft-cap in its config (which Gemma 3 does not apply); Gemma 2 with one layer per type."""
     cases = [("gemma3", dict(tie_word_embeddings=False, num_key_value_heads=1, final_logit_softcapping=4.0,
-                             rope_scaling={"rope_type": "linear", "factor": 4.0})),
+                             attn_logit_softcapping=1.0, rope_scaling={"rope_type": "linear", "factor": 4.0})),
              ("gemma2", dict(num_hidden_layers=2, num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16))]
     for i, (family, change) in enumerate(cases):
         src = make_gemma_dir(tmp_path / f"src{i}", family, seed=7, **change)
