@@ -4,6 +4,7 @@ A synthetic Llama in 3 safetensors shards (numpy + safetensors, no transformers)
 conversion runs in a fresh child whose peak resident set the kernel reports to its parent (benchmarks/
 convert_memory.py `peak_rss`: a small launcher forks it, so the test process's own size does not leak into the
 figure). The limit is K x the largest tensor's float32 size above a child that only imports the converter.
+About 10 s on a 2-core machine (writing the checkpoint, three children).
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ def test_the_measurement_sees_memory_held():
     assert peak - base > K * shape.largest_f32_bytes()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("--bpw", "3")], ids=["raw", "bpw3"])
 def test_convert_peak_memory_is_a_few_tensors(big_checkpoint, tmp_path, extra):
     src, shape, total = big_checkpoint
