@@ -31,6 +31,8 @@ def _convert(args: argparse.Namespace) -> int:
                              tune_steps=args.tune_steps)
     progress = _show_progress(args)
     log = (lambda msg: None) if args.quiet else None
+    if args.json and not args.dry_run:
+        raise OccError("convert: --json prints the plan of --dry-run; a conversion prints its summary on stderr")
     if args.dry_run:
         from occrt.converters.plan import plan_conversion, render
         from occrt.converters.policy import Policy

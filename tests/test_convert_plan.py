@@ -53,6 +53,8 @@ def test_dry_run_json_and_without_output(tiny_llama_dir, tmp_path, capsys):
     assert abs(sum(t["estimated_bytes"] * 8 for t in linear) / n - 3) < 0.1  # the budget the rate control met
     assert main(["convert", tiny_llama_dir]) == 2  # neither -o nor --dry-run
     assert "-o/--output is required" in capsys.readouterr().err
+    assert main(["convert", tiny_llama_dir, "-o", str(tmp_path / "m.occ"), "--json"]) == 2
+    assert "--json prints the plan of --dry-run" in capsys.readouterr().err and not os.listdir(tmp_path)
 
 
 def test_plan_matches_each_tensor_of_a_real_conversion(tiny_llama_dir, tmp_path):
