@@ -163,4 +163,3 @@ def calibrate(source: Source, text: str, *, n_tokens: int = DEFAULT_TOKENS, ctx:
     return Calibration(tokens=n_tokens_seen,
                        hessians={k: (v / n_tokens_seen).numpy() for k, v in hessians.items()},
                        fisher={n: v / n_grads for n, v in fisher.items()})
-
