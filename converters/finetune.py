@@ -34,7 +34,7 @@ from occrt.codecs.ecsq import ECSQ, EcsqCodec, Layout, to_f16
 from occrt.codecs.rotation import RotationSpec, unrotate
 
 DEFAULT_STEPS = 32
-DEFAULT_LR = 3e-3  # Adam on log-multipliers and gains; measured on SmolLM2 (see benchmarks/quality_results.md)
+DEFAULT_LR = 3e-3  # Adam on log-multipliers and gains: the one setting tried on SmolLM2 (benchmarks/quality_results.md)
 
 
 @dataclass
