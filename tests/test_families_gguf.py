@@ -14,6 +14,7 @@ import occrt
 from occrt.converters.convert import convert
 from tests.conftest import hf_logits
 from tests.test_families import IDS, make_family_dir
+from tests.tiny_gguf import add_tokenizer, new_writer, write_tensors_and_close
 
 gguf = pytest.importorskip("gguf")
 
@@ -41,25 +42,16 @@ def gguf_name(hf_name: str) -> str:
 def write_gguf(src: str, path: str, arch: str) -> list[str]:
     """The checkpoint in `src` as llama.cpp lays out a GGUF of `arch` (no q/k permutation: these architectures
     use NEOX rope); returns the tensor names written."""
-    from safetensors.numpy import load_file
-
     hf = json.load(open(os.path.join(src, "config.json")))
     tok = json.load(open(os.path.join(src, "tokenizer.json")))
-    g = gguf.GGUFWriter(path, arch)
     if arch == "gpt2":
-        g.add_context_length(hf["n_positions"])
-        g.add_embedding_length(hf["n_embd"])
-        g.add_block_count(hf["n_layer"])
-        g.add_feed_forward_length(hf["n_inner"] or 4 * hf["n_embd"])
-        g.add_head_count(hf["n_head"])
+        g = new_writer(path, arch, context=hf["n_positions"], embedding=hf["n_embd"], blocks=hf["n_layer"],
+                       feed_forward=hf["n_inner"] or 4 * hf["n_embd"], heads=hf["n_head"])
         g.add_layer_norm_eps(hf["layer_norm_epsilon"])
     else:
-        g.add_context_length(hf["max_position_embeddings"])
-        g.add_embedding_length(hf["hidden_size"])
-        g.add_block_count(hf["num_hidden_layers"])
-        g.add_feed_forward_length(hf["intermediate_size"])
-        g.add_head_count(hf["num_attention_heads"])
-        g.add_head_count_kv(hf["num_key_value_heads"])
+        g = new_writer(path, arch, context=hf["max_position_embeddings"], embedding=hf["hidden_size"],
+                       blocks=hf["num_hidden_layers"], feed_forward=hf["intermediate_size"],
+                       heads=hf["num_attention_heads"], heads_kv=hf["num_key_value_heads"])
         g.add_layer_norm_rms_eps(hf["rms_norm_eps"])
         g.add_rope_freq_base((hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
@@ -67,26 +59,15 @@ def write_gguf(src: str, path: str, arch: str) -> list[str]:
         g.add_value_length(head_dim)
         g.add_rope_dimension_count(head_dim)
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    g.add_tokenizer_model("gpt2")
-    g.add_tokenizer_pre("default")
-    g.add_token_list([t for t, _ in vocab])
-    g.add_token_types([3 if t.startswith("<") and t.endswith(">") else 1 for t, _ in vocab])
-    g.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
-    g.add_bos_token_id(1)
-    g.add_eos_token_id(2)
-    g.add_pad_token_id(0)
-    names = []
-    for name, a in load_file(os.path.join(src, "model.safetensors")).items():
-        a = a.astype(np.float32)
-        if name.endswith(_CONV1D):
-            a = np.ascontiguousarray(a.T)  # llama.cpp stores GPT-2's Conv1D weights as (out, in)
-        names.append(gguf_name(name))
-        g.add_tensor(names[-1], a)
-    g.write_header_to_file()
-    g.write_kv_data_to_file()
-    g.write_tensors_to_file()
-    g.close()
-    return names
+    add_tokenizer(g, "gpt2", [t for t, _ in vocab],
+                  [3 if t.startswith("<") and t.endswith(">") else 1 for t, _ in vocab], bos=1, eos=2, pad=0,
+                  pre="default", merges=[m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+
+    def transform(name: str, a: np.ndarray) -> np.ndarray:
+        # llama.cpp stores GPT-2's Conv1D weights as (out, in)
+        return np.ascontiguousarray(a.T) if name.endswith(_CONV1D) else a
+
+    return write_tensors_and_close(g, src, gguf_name, transform)
 
 
 def llama_cpp_names(arch: str, n_layers: int) -> set[str]:

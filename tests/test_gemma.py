@@ -22,6 +22,7 @@ import occrt
 from occrt.converters.convert import convert
 from occrt.errors import ConversionError, UnsupportedModelError
 from tests.conftest import build_tokenizer_json, hf_greedy, hf_logits
+from tests.tiny_gguf import add_tokenizer, new_writer, write_tensors_and_close
 
 IDS = [1, 17, 5, 93, 200, 41, 7, 7, 150, 3, 64, 250, 11, 90, 120, 33,
        8, 19, 301, 44, 45, 46, 2, 99, 180, 181, 60, 12, 13, 77, 250, 5]  # 32 tokens, window 6
@@ -231,21 +232,14 @@ def write_gemma_gguf(src_dir: str, path: str) -> None:
     norm weights stored as 1 + w, Gemma 2's soft-caps, a sentencepiece-style vocabulary; float32 tensors. What the
     file cannot record (Gemma 2 alternates layers, Gemma 3 makes every sixth global with local rope base 10000,
     query_pre_attn_scalar = head_dim) must hold for `src_dir`'s config."""
-    import gguf
-    from safetensors.numpy import load_file
-
     from tests.conftest import WORDS
 
     with open(os.path.join(src_dir, "config.json")) as f:
         hf = json.load(f)
     arch = {"gemma2": "gemma2", "gemma3_text": "gemma3"}[hf["model_type"]]
-    g = gguf.GGUFWriter(path, arch)
-    g.add_context_length(hf["max_position_embeddings"])
-    g.add_embedding_length(hf["hidden_size"])
-    g.add_block_count(hf["num_hidden_layers"])
-    g.add_feed_forward_length(hf["intermediate_size"])
-    g.add_head_count(hf["num_attention_heads"])
-    g.add_head_count_kv(hf["num_key_value_heads"])
+    g = new_writer(path, arch, context=hf["max_position_embeddings"], embedding=hf["hidden_size"],
+                   blocks=hf["num_hidden_layers"], feed_forward=hf["intermediate_size"],
+                   heads=hf["num_attention_heads"], heads_kv=hf["num_key_value_heads"])
     g.add_key_length(hf["head_dim"])
     g.add_value_length(hf["head_dim"])
     g.add_layer_norm_rms_eps(hf["rms_norm_eps"])
@@ -259,30 +253,20 @@ def write_gemma_gguf(src_dir: str, path: str) -> None:
     pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581"] + sorted(set("".join(WORDS)))
     pieces += sorted({"\u2581" + w for w in WORDS})
     pieces = (pieces + [f"<unused{i}>" for i in range(len(pieces), hf["vocab_size"])])[:hf["vocab_size"]]
-    g.add_tokenizer_model("llama")
-    g.add_token_list(pieces)
-    g.add_token_scores([-float(i) for i in range(len(pieces))])
-    g.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * (len(pieces) - 260))  # control, unknown, byte, normal
-    g.add_bos_token_id(2)
-    g.add_eos_token_id(1)
-    g.add_unk_token_id(3)
-    g.add_pad_token_id(0)
-    g.add_add_bos_token(True)
+    types = [3, 3, 3, 2] + [6] * 256 + [1] * (len(pieces) - 260)  # control, unknown, byte, normal
+    add_tokenizer(g, "llama", pieces, types, bos=2, eos=1, pad=0, scores=[-float(i) for i in range(len(pieces))],
+                  unk=3, add_bos=True)
     globals_ = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                 "lm_head.weight": "output.weight"}
-    for name, a in load_file(os.path.join(src_dir, "model.safetensors")).items():
-        a = a.astype(np.float32)
-        if name.endswith("norm.weight"):
-            a = a + np.float32(1.0)
+
+    def rename(name: str) -> str:
         if name in globals_:
-            g.add_tensor(globals_[name], a)
-        else:
-            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-            g.add_tensor(f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}.{m.group(3)}", a)
-    g.write_header_to_file()
-    g.write_kv_data_to_file()
-    g.write_tensors_to_file()
-    g.close()
+            return globals_[name]
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        return f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}.{m.group(3)}"
+
+    write_tensors_and_close(g, src_dir, rename,
+                            lambda name, a: a + np.float32(1.0) if name.endswith("norm.weight") else a)
 
 
 # transformers' GGUF reader takes Gemma 2's soft-caps from its config defaults (50, 30), not from the file
