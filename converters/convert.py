@@ -178,23 +178,17 @@ def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, lo
 def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy: Policy, options: ConvertOptions,
                    text: str, log) -> dict[str, Any]:
     """--tune-steps: code every tensor first (records held in memory: the compressed model), then fit the linear
-    layers' step multipliers and the norm gains by distillation from the source (converters/finetune.py)."""
-    from occrt.codecs.raw import RawCodec
+    layers' step multipliers by distillation from the source (converters/finetune.py)."""
     from occrt.converters.calibrate import calibration_model, calibration_windows
     from occrt.converters.finetune import decode_record, tune_scales
-    from occrt.converters.policy import EMBEDDINGS, as_f32
+    from occrt.converters.policy import EMBEDDINGS
 
     started = time.monotonic()
     teacher, _ = calibration_model(source)
     params = dict(teacher.named_parameters())
     records: dict[str, Any] = {}
-    gains: dict[str, np.ndarray] = {}
     for t in _checked_tensors(source, expected):
         records[t.name] = policy.encode(t)
-        # norm gains the torch model holds as they are stored (not e.g. Gemma's 1 + w) are tuned with the scales
-        if t.name.endswith("norm.weight") and t.name in params and np.array_equal(
-                params[t.name].detach().numpy(), as_f32(t)):
-            gains[t.name] = as_f32(t).copy()
     linear = {n: e for n, e in records.items() if policy.is_linear(n)}
     unknown = sorted(set(linear) - set(params))
     if unknown:
@@ -202,8 +196,9 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
                               f"parameter {unknown[0]!r}")
     fixed = {n: decode_record(e) for n, e in records.items() if n in EMBEDDINGS and n in params}
     windows = calibration_windows(source, text, n_tokens=options.calib_tokens, ctx=512)
-    linear, gains = tune_scales(teacher, linear, fixed, gains, windows, steps=options.tune_steps, log=log)
+    # the norm gains stay as the source has them: tuning them too fitted the calibration text better and the
+    # evaluation text worse (benchmarks/quality_results.md)
+    linear, _ = tune_scales(teacher, linear, fixed, {}, windows, steps=options.tune_steps, log=log)
     records.update(linear)
-    records.update({n: RawCodec.encode(g, dtype="f32") for n, g in gains.items()})
-    log(f"tuning: {len(linear)} tensors and {len(gains)} gains in {time.monotonic() - started:.1f} s")
+    log(f"tuning: {len(linear)} tensors in {time.monotonic() - started:.1f} s")
     return records

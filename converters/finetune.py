@@ -1,4 +1,4 @@
-"""Tuning the step multipliers end to end: codes frozen, scales and norm gains fitted by distillation.
+"""Tuning the step multipliers end to end: codes frozen, scales (optionally norm gains) fitted by distillation.
 
 Error-feedback rounding (converters/gptq.py) makes each layer as good as its own output error allows, but the errors of
 a few hundred layers compound through the network, and nothing in a per-layer objective sees that. This step looks at
@@ -15,7 +15,8 @@ U, V and the rotations fixed, W is differentiable in a and b, so we fit
 with Adam, the source model (float32, torch) as the teacher on the same windows. The codes' ANS streams are reused
 byte for byte: the rate does not move (a and b are side data the rate control already counted, because frames are
 built with unit multipliers when tuning is on), only the decoder's dequantization changes. The norm gains are stored
-raw (exact), so tuned gains cost nothing either.
+raw (exact), so tuned gains would cost nothing either; but on SmolLM2 tuning them fitted the calibration text and hurt
+the evaluation text, so `occrt convert --tune-steps` tunes the multipliers alone (benchmarks/quality_results.md).
 
 This is the same family of fixes as learned step sizes / scale fine-tuning in the quantization literature; it needs
 the calibration text (`occrt convert --calib FILE --tune-steps N`), and torch, like the calibration itself.

@@ -9,8 +9,8 @@
     --calib FILE       (with --bpw) inputs rotated by default; each tensor's distortion weighted by its loss
                        sensitivity (Fisher); codes rounded with error feedback under the inputs' second moments
                        (converters/calibrate.py, converters/gptq.py)
-    --tune-steps N     (with --calib) linear layers carry per-row and per-column step multipliers, fitted with
-                       the norm gains after coding by distillation from the source model (converters/finetune.py)
+    --tune-steps N     (with --calib) linear layers carry per-row and per-column step multipliers, fitted after
+                       coding by distillation from the source model (converters/finetune.py)
 
 With --bpw, conversion makes two passes over the source: the first measures each tensor's rate-distortion curves
 (`measure`), `finalize` allocates the budget, the second encodes (`encode`). Only one tensor is in memory at a time.
