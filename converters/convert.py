@@ -196,9 +196,7 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
                               f"parameter {unknown[0]!r}")
     fixed = {n: decode_record(e) for n, e in records.items() if n in EMBEDDINGS and n in params}
     windows = calibration_windows(source, text, n_tokens=options.calib_tokens, ctx=512)
-    # the norm gains stay as the source has them: tuning them too fitted the calibration text better and the
-    # evaluation text worse (benchmarks/quality_results.md)
-    linear, _ = tune_scales(teacher, linear, fixed, {}, windows, steps=options.tune_steps, log=log)
+    linear = tune_scales(teacher, linear, fixed, windows, steps=options.tune_steps, log=log)
     records.update(linear)
     log(f"tuning: {len(linear)} tensors in {time.monotonic() - started:.1f} s")
     return records

@@ -1,4 +1,4 @@
-"""Tuning the step multipliers end to end: codes frozen, scales (optionally norm gains) fitted by distillation.
+"""Tuning the step multipliers end to end: codes frozen, scales fitted by distillation.
 
 Error-feedback rounding (converters/gptq.py) makes each layer as good as its own output error allows, but the errors of
 a few hundred layers compound through the network, and nothing in a per-layer objective sees that. This step looks at
@@ -9,14 +9,14 @@ the whole model once every tensor is coded. An ecsq record (format_spec/occ.md 5
 where the integer codes C carry almost all the bits and a (n_out,), b (n_in,) are f16 step multipliers. With C, Δ,
 U, V and the rotations fixed, W is differentiable in a and b, so we fit
 
-    min over log a, log b (every coded linear layer) and the norm gains:
+    min over log a, log b (every coded linear layer):
         mean over calibration tokens of KL(p_source(· | context) ‖ p_coded(· | context))
 
 with Adam, the source model (float32, torch) as the teacher on the same windows. The codes' ANS streams are reused
 byte for byte: the rate does not move (a and b are side data the rate control already counted, because frames are
-built with unit multipliers when tuning is on), only the decoder's dequantization changes. The norm gains are stored
-raw (exact), so tuned gains would cost nothing either; but on SmolLM2 tuning them fitted the calibration text and hurt
-the evaluation text, so `occrt convert --tune-steps` tunes the multipliers alone (benchmarks/quality_results.md).
+built with unit multipliers when tuning is on), only the decoder's dequantization changes. The norm gains stay as the
+source has them: tuning them too (they are stored raw, so it would cost no bits) fitted the calibration text and hurt
+the evaluation text on SmolLM2 (benchmarks/quality_results.md).
 
 This is the same family of fixes as learned step sizes / scale fine-tuning in the quantization literature; it needs
 the calibration text (`occrt convert --calib FILE --tune-steps N`), and torch, like the calibration itself.
@@ -35,7 +35,7 @@ from occrt.codecs.ecsq import ECSQ, EcsqCodec, Layout, to_f16
 from occrt.codecs.rotation import RotationSpec, unrotate
 
 DEFAULT_STEPS = 32
-DEFAULT_LR = 3e-3  # Adam on log-multipliers and gains: the one setting tried on SmolLM2 (benchmarks/quality_results.md)
+DEFAULT_LR = 3e-3  # Adam on the log-multipliers: the one setting tried on SmolLM2 (benchmarks/quality_results.md)
 
 
 @dataclass
@@ -109,19 +109,19 @@ def _with_scales(enc: Encoded, c: _Coded) -> Encoded:
                    payload=[bytes(side), enc.payload[1]], params=enc.params)
 
 
-def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarray], gains: dict[str, np.ndarray],
-                windows: list[list[int]], *, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
-                log: Callable[[str], None] = lambda msg: None) -> tuple[dict[str, Encoded], dict[str, np.ndarray]]:
-    """Fit the multipliers of `records` (ecsq, name -> record, HF parameter names of `teacher`) and the `gains` (norm
-    weights, name -> f32 vector) so the coded model's next-token distributions follow `teacher`'s on `windows`.
+def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarray], windows: list[list[int]], *,
+                steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
+                log: Callable[[str], None] = lambda msg: None) -> dict[str, Encoded]:
+    """Fit the multipliers of `records` (ecsq, name -> record, HF parameter names of `teacher`) so the coded model's
+    next-token distributions follow `teacher`'s on `windows`.
 
     `fixed`: the other coded tensors as the decoder rebuilds them (e.g. the embedding), substituted as constants.
-    Returns the tuned records and gains. `teacher` is a torch module in float32 whose parameters are the source's."""
+    Returns the tuned records. `teacher` is a torch module in float32 whose parameters are the source's."""
     import torch
     from torch.func import functional_call
 
     if steps <= 0 or not windows:
-        return records, gains
+        return records
     started = time.monotonic()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -133,13 +133,12 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
         c.log_a = torch.zeros(enc.shape[0], requires_grad=True)
         c.log_b = torch.zeros(enc.shape[1], requires_grad=True)
         coded[name] = c
-    tuned_gains = {n: torch.tensor(np.asarray(g, dtype=np.float32), requires_grad=True) for n, g in gains.items()}
     constants = {n: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for n, v in fixed.items()}
-    params = [c.log_a for c in coded.values()] + [c.log_b for c in coded.values()] + list(tuned_gains.values())
+    params = [c.log_a for c in coded.values()] + [c.log_b for c in coded.values()]
     optimizer = torch.optim.Adam(params, lr=lr)
 
     def student(ids):
-        overrides = {**constants, **tuned_gains, **{n: _weight(c, torch) for n, c in coded.items()}}
+        overrides = {**constants, **{n: _weight(c, torch) for n, c in coded.items()}}
         return functional_call(teacher, overrides, (ids,), strict=False).logits[0].float()
 
     first = last = None
@@ -160,7 +159,7 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
     out = dict(records)
     for name, c in coded.items():
         out[name] = _with_scales(records[name], c)
-    return out, {n: g.detach().numpy().copy() for n, g in tuned_gains.items()}
+    return out
 
 
 def decode_record(enc: Encoded) -> np.ndarray:

@@ -62,10 +62,7 @@ def _kill_once(src: str, out: Path, sig: int, after_spool: bool, delay: float) -
             proc.send_signal(sig)
         proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+        _reap(proc)
     return delivered, proc.returncode
 
 
@@ -181,10 +178,7 @@ def test_ctrl_c_in_each_phase_leaves_nothing(medium_llama_dir, tmp_path, phase):
         rest = proc.stderr.read()
         proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+        _reap(proc)
     log = "".join(seen) + rest
     assert seen and seen[-1].startswith(start), log  # the signal went in during the phase ...
     after = rest.splitlines()
@@ -192,3 +186,11 @@ def test_ctrl_c_in_each_phase_leaves_nothing(medium_llama_dir, tmp_path, phase):
     assert proc.returncode == 130, log
     assert after[-1] == f"occrt: interrupted; {out} was not written (no partial or temporary file is left)", log
     assert not out.exists() and not _temporaries(out), os.listdir(tmp_path)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Kill the child if it is still running (a failed assertion must not leave it behind) and close its stderr."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    proc.stderr.close()

@@ -20,16 +20,23 @@ _FAST = {"reassoc", "contract"}
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
+def _add_row(x, delta, r):  # pragma: no cover (jit)
+    """x[r] += delta[r] when delta has rows (a (0, D) delta adds nothing); returns the row x[r]."""
+    xr = x[r]
+    if delta.shape[0]:
+        dr = delta[r]
+        for j in range(xr.shape[0]):
+            xr[j] += dr[j]
+    return xr
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
 def add_rms_norm(x, delta, w, eps, out):  # pragma: no cover (jit)
     """x += delta (if delta has rows; pass a (0, D) array for none), then out = x / sqrt(mean(x²) + eps) * w.
     x, delta, out (T, D); w (D,)."""
     t, n = x.shape
     for r in range(t):
-        xr = x[r]
-        if delta.shape[0]:
-            dr = delta[r]
-            for j in range(n):
-                xr[j] += dr[j]
+        xr = _add_row(x, delta, r)
         ss = np.float32(0.0)
         for j in range(n):
             ss += xr[j] * xr[j]
@@ -45,11 +52,7 @@ def add_layer_norm(x, delta, w, b, eps, out):  # pragma: no cover (jit)
     the biased variance). x, delta, out (T, D); w, b (D,)."""
     t, n = x.shape
     for r in range(t):
-        xr = x[r]
-        if delta.shape[0]:
-            dr = delta[r]
-            for j in range(n):
-                xr[j] += dr[j]
+        xr = _add_row(x, delta, r)
         total = np.float32(0.0)
         for j in range(n):
             total += xr[j]
