@@ -8,17 +8,23 @@ From a calibration text (`occrt convert --calib FILE`), in windows of `ctx` toke
     loss's sensitivity to t's weight error, used to weight each tensor's distortion in the rate allocation
     (ΔL ≈ ½ Σ F_ij e_ij², so D_t = F_t ‖E_t‖²; equal slopes then scale t's step by 1/√F_t).
 
-Both come from one forward and backward pass per window of a float32 copy of the model in torch (transformers'
+H comes from a forward pass and F from a forward and backward pass per window of a float32 copy of the model in torch (transformers'
 implementation of the family, `AutoModelForCausalLM` on the config an export would write, its tensors put back in the
 family's layout by the converter's rules: Phi-3's fused q/k/v, GPT-2's Conv1D) -- conversion may use torch; the
 runtime never does. A fused module's input is the input space of all its parts, and its gradient splits into the
-parts' Fisher values by the same rules. Memory: the model in float32 plus the H matrices (one n_in × n_in float64
-matrix per input space).
+parts' Fisher values by the same rules. Memory: the model in float32 plus one window's layer inputs and logits; the
+H matrices (one n_in × n_in matrix per input space) wait in a temporary directory (`calibrate` says how).
 """
 from __future__ import annotations
 
+import gc
+import os
 import re
+import shutil
+import tempfile
 import time
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,7 +44,7 @@ _LINEAR = re.compile(r"(model\.layers\.\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gat
 @dataclass
 class Calibration:
     tokens: int
-    hessians: dict[str, np.ndarray]  # "model.layers.{i}.{space}" -> (n_in, n_in) float64, E[x xᵀ]
+    hessians: Mapping[str, np.ndarray]  # "model.layers.{i}.{space}" -> (n_in, n_in) float64, E[x xᵀ]
     fisher: dict[str, float]  # tensor name -> mean squared gradient of its entries
 
     def hessian_for(self, tensor_name: str) -> np.ndarray | None:
@@ -64,8 +70,6 @@ def calibration_model(source: Source):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from occrt.converters.architectures import for_architecture
-    from occrt.converters.policy import as_f32
-    from occrt.converters.tensor_rules import assemble
 
     cfg = source.config
     family = for_architecture(cfg.architecture)
@@ -74,12 +78,8 @@ def calibration_model(source: Source):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf),
                                                  dtype=torch.float32)
-    tensors = {t.name: np.ascontiguousarray(as_f32(t)) for t in source.tensors()}
     rules = family.hf_rules(cfg)
-    # copies: the model owns its float32 weights (a source's arrays may be read-only views of its files)
-    state = {r.source: torch.from_numpy(np.array(assemble(r, tensors.__getitem__), dtype=np.float32, order="C"))
-             for r in rules}
-    del tensors
+    state = _streamed_state(source, rules)
     if cfg.tie_word_embeddings:
         embed = next(r.source for r in rules if r.parts == ("model.embed_tokens.weight",))
         state["lm_head.weight"] = state[embed]
@@ -92,6 +92,40 @@ def calibration_model(source: Source):
         raise ConversionError(f"calibration model: buffers {left[:3]} have no values")
     model.float().eval()
     return model, [r for r in rules if _LINEAR.fullmatch(r.parts[0])]
+
+
+def _streamed_state(source: Source, rules) -> dict:
+    """The model's tensors, assembled while the source streams: each source tensor is held (float32) only until
+    every rule that reads it has been assembled, so memory stays at the model plus a few tensors. The state owns
+    copies (a source's arrays may be read-only views of its files)."""
+    import torch
+
+    from occrt.converters.policy import as_f32
+    from occrt.converters.tensor_rules import assemble
+
+    readers: dict[str, int] = {}
+    for r in rules:
+        for p in r.parts:
+            readers[p] = readers.get(p, 0) + 1
+    pending: dict[str, np.ndarray] = {}
+    state = {}
+    waiting = list(rules)
+    for t in source.tensors():
+        if t.name not in readers:
+            continue
+        pending[t.name] = as_f32(t)
+        ready = [r for r in waiting if all(p in pending for p in r.parts)]
+        for r in ready:
+            state[r.source] = torch.from_numpy(np.array(assemble(r, pending.__getitem__), dtype=np.float32,
+                                                        order="C"))
+            waiting.remove(r)
+            for p in r.parts:
+                readers[p] -= 1
+                if not readers[p]:
+                    del pending[p]
+    if waiting:
+        raise ConversionError(f"calibration model: the source lacks {waiting[0].parts}")
+    return state
 
 
 def _materialize_rotary(model, cfg: ModelConfig) -> None:
@@ -118,48 +152,164 @@ def _materialize_rotary(model, cfg: ModelConfig) -> None:
 
 def calibrate(source: Source, text: str, *, n_tokens: int = DEFAULT_TOKENS, ctx: int = 512,
               log: Callable[[str], None] = lambda msg: None) -> Calibration:
-    import torch
+    """Two passes over the windows, so the two statistics never share memory:
 
-    from occrt.converters.architectures import hf_mapper
+      1. forward only (no graph): H for every input space, accumulated in float32, then written to a temporary
+         directory (`SpilledArrays`: read back one at a time when a tensor is coded);
+      2. forward and backward, each decoder layer checkpointed (its activations recomputed in the backward pass, so
+         only the layers' inputs are kept), each weight's gradient reduced to its Fisher value and dropped the moment
+         it is complete: never the whole model's gradients at once.
+    Peak: the float32 model plus one window's layer inputs and logits."""
+    import torch
 
     started = time.monotonic()
     ctx = min(ctx, source.config.max_position_embeddings - 1)  # a window and its BOS fit the model's positions
     windows = calibration_windows(source, text, n_tokens=n_tokens, ctx=ctx)
     model, rules = calibration_model(source)
-    mapper = hf_mapper(source.config)
+    try:
+        hessians, n_tokens_seen = _second_moments(model, rules, windows, started, log)
+        fisher = _fisher(model, rules, windows, source.config, started, log)
+    finally:
+        del model
+        gc.collect()  # transformers' modules hold reference cycles: free the float32 model before coding starts
+    return Calibration(tokens=n_tokens_seen, hessians=hessians, fisher=fisher)
 
-    hessians: dict[str, torch.Tensor] = {}
-    hooks = []
+
+def _space_modules(model, rules) -> dict[str, object]:
+    """input space key -> the module whose input it is (one per space: q, k and v read the same activation)."""
+    spaces = {}
     for rule in rules:
         m = _LINEAR.fullmatch(rule.parts[0])
-        key = f"{m.group(1)}.{_SPACE[m.group(2)]}"  # every part of a fused module reads the same input
-        if key in (h_key for h_key, _ in hooks):
-            continue  # one module per input space (q, k and v read the same activation)
-        module = model.get_submodule(rule.source.rsplit(".", 1)[0])
+        spaces.setdefault(f"{m.group(1)}.{_SPACE[m.group(2)]}", model.get_submodule(rule.source.rsplit(".", 1)[0]))
+    return spaces
 
-        def hook(mod, args, output, key=key):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, n_in)
-            hessians[key] = hessians.get(key, 0) + x.T @ x
 
-        hooks.append((key, module.register_forward_hook(hook)))
-    weights = {rule.source: model.get_parameter(rule.source) for rule in rules}
+_HEAD_CHUNK = 128  # positions per slice of logits in the gradient pass
+_MOMENT_BATCH_TOKENS = 2048  # windows per forward call in the second-moment pass: bounds its activations
+
+
+def _second_moments(model, rules, windows, started, log) -> tuple["SpilledArrays", int]:
+    """E[x xᵀ] per input space, through the base model (no output head, no graph), windows of one length batched;
+    each call's xᵀx goes straight onto the space's running sum on disk, so no sum is held in memory."""
+    import torch
+
+    n_seen = sum(len(w) for w in windows)
+    moments = SpilledArrays(scale=1.0 / n_seen)
+
+    def hook(mod, args, output, key):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, n_in)
+        moments.add(key, (x.T @ x).numpy())
+
+    handles = [module.register_forward_hook(lambda mod, args, out, key=key: hook(mod, args, out, key))
+               for key, module in _space_modules(model, rules).items()]
+    batches: list[list[list[int]]] = []
+    for window in windows:
+        if batches and len(batches[-1][0]) == len(window) and \
+                len(window) * (len(batches[-1]) + 1) <= _MOMENT_BATCH_TOKENS:
+            batches[-1].append(window)
+        else:
+            batches.append([window])
+    done = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model.base_model(input_ids=torch.tensor(batch), use_cache=False)
+                done += len(batch)
+                log(f"calibration: second moments, window {done}/{len(windows)} ({time.monotonic() - started:.0f} s)")
+    finally:
+        for h in handles:
+            h.remove()
+    return moments, n_seen
+
+
+def _decoder_layers(model, n_layers: int):
+    import torch
+
+    found = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+    if len(found) != 1:
+        raise ConversionError(f"calibration model: cannot tell its list of {n_layers} decoder layers")
+    return found[0]
+
+
+def _fisher(model, rules, windows, cfg: ModelConfig, started, log) -> dict[str, float]:
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from occrt.converters.architectures import hf_mapper
+
+    mapper = hf_mapper(cfg)
+    by_param = {rule.source: rule for rule in rules}
     fisher = {part: 0.0 for rule in rules for part in rule.parts}
-    n_tokens_seen = n_grads = 0
-    for k, window in enumerate(windows):
-        ids = torch.tensor([window])
-        model.zero_grad(set_to_none=True)
-        logits = model(ids).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
-        nll.backward()
-        for rule in rules:
-            g2 = (weights[rule.source].grad.double() ** 2).numpy()
-            for part, piece in zip(rule.parts, mapper.split(rule, g2)):  # a fused gradient split like its weight
-                fisher[part] += float(piece.mean())
-        n_grads += 1
-        n_tokens_seen += ids.shape[1]
-        log(f"calibration: window {k + 1}/{len(windows)} ({time.monotonic() - started:.0f} s)")
-    for _, h in hooks:
-        h.remove()
-    return Calibration(tokens=n_tokens_seen,
-                       hessians={k: (v / n_tokens_seen).numpy() for k, v in hessians.items()},
-                       fisher={n: v / n_grads for n, v in fisher.items()})
+
+    def reduce(param, name):
+        g2 = (param.grad.double() ** 2).numpy()
+        rule = by_param[name]
+        for part, piece in zip(rule.parts, mapper.split(rule, g2)):  # a fused gradient split like its weight
+            fisher[part] += float(piece.mean())
+        param.grad = None  # the next weight's gradient takes its place
+
+    handles = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in by_param)
+        if name in by_param:
+            handles.append(param.register_post_accumulate_grad_hook(lambda p, name=name: reduce(p, name)))
+    layers = _decoder_layers(model, cfg.num_hidden_layers)
+    for layer in layers:  # an instance attribute over the class's method; deleted afterwards (no reference cycle)
+        layer.forward = lambda *a, plain=type(layer).forward.__get__(layer), **kw: checkpoint(
+            plain, *a, use_reentrant=False, **kw)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def head_nll(hidden, targets):  # the causal LM's head and loss on a slice of positions
+        logits = head(hidden).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+    try:
+        for k, window in enumerate(windows):
+            ids = torch.tensor([window])
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+            targets = ids[0, 1:]
+            # the logits (positions x vocabulary) are made and dropped a slice at a time, forward and backward
+            nll = sum(checkpoint(head_nll, hidden[a:a + _HEAD_CHUNK], targets[a:a + _HEAD_CHUNK], use_reentrant=False)
+                      for a in range(0, len(targets), _HEAD_CHUNK))
+            nll.backward()
+            del hidden, nll
+            log(f"calibration: gradients, window {k + 1}/{len(windows)} ({time.monotonic() - started:.0f} s)")
+    finally:
+        for h in handles:
+            h.remove()
+        for layer in layers:
+            del layer.forward
+    return {n: v / len(windows) for n, v in fisher.items()}
+
+
+class SpilledArrays(Mapping):
+    """name -> float64 array (times `scale`), kept in a temporary directory as float32 `.npy` files and read back
+    on access, one at a time: the input second moments of a model (about 0.4 GB for SmolLM2 in float32) stay out of
+    memory while they are summed and while the tensors are coded. The directory goes when the mapping does."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+        self._dir = tempfile.mkdtemp(prefix="occrt-calib-")
+        self._files: dict[str, str] = {}
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+
+    def add(self, key: str, value: np.ndarray) -> None:
+        """The stored array for `key` += value (stored = value the first time)."""
+        path = self._files.get(key)
+        if path is None:
+            path = self._files[key] = os.path.join(self._dir, f"{len(self._files)}.npy")
+        else:
+            value = np.load(path) + value
+        np.save(path, np.asarray(value, dtype=np.float32))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.load(self._files[key]).astype(np.float64) * self.scale
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)

@@ -43,6 +43,10 @@ class GGUFSource(Source):
             config.rope.update(type="freq_factors", factors=[float(x) for x in factors])
         self._mapper = gguf_mapper(config)  # llama.cpp's tensors -> occrt's (names, q/k row order, fused ones)
         tokenizer = self._tokenizer()
+        # the vocabulary's fields are tens of thousands of small arrays (~0.15 GB for a 49K vocabulary); the
+        # tokenizer above was their last reader
+        for key in skip:
+            self.reader.fields.pop(key, None)
         provenance = {"source_format": "gguf", "source_name": os.path.basename(path),
                       "source_files": [file_record(path)]}
         super().__init__(config=config, tokenizer=tokenizer, provenance=provenance)

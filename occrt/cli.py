@@ -25,6 +25,9 @@ from occrt.errors import OccError
 
 def _convert(args: argparse.Namespace) -> int:
     from occrt.converters.convert import ConvertOptions, convert
+    from occrt.converters.source import return_freed_buffers_to_the_os
+
+    return_freed_buffers_to_the_os()
     options = ConvertOptions(dtype=args.dtype, overwrite=args.force, bpw=args.bpw, lossless=args.lossless,
                              rotate=args.rotate, ranks=tuple(args.ranks), embed_bpw=args.embed_bpw,
                              seed=args.seed, calib=args.calib, calib_tokens=args.calib_tokens,

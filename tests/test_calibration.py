@@ -126,3 +126,68 @@ def test_tuning_needs_calibration(tiny_llama_dir, tmp_path):
 
     with pytest.raises(ConversionError, match="--tune-steps needs --calib"):
         convert(tiny_llama_dir, str(tmp_path / "x.occ"), ConvertOptions(bpw=3.0, tune_steps=4), log=lambda m: None)
+
+
+def _plain_statistics(source, windows):
+    """The statistics the straightforward way: the whole model's forward with its logits, one backward, every
+    weight's .grad kept; H from hooks on the same forward (float64)."""
+    import torch
+
+    from occrt.converters.architectures import hf_mapper
+    from occrt.converters.calibrate import _LINEAR, _SPACE, calibration_model
+
+    model, rules = calibration_model(source)
+    mapper = hf_mapper(source.config)
+    sums, n_tokens, fisher = {}, 0, {p: 0.0 for r in rules for p in r.parts}
+    for rule in rules:
+        m = _LINEAR.fullmatch(rule.parts[0])
+        key = f"{m.group(1)}.{_SPACE[m.group(2)]}"
+        if key in sums:
+            continue  # q, k and v (gate and up) read one input: one hook per input space
+        sums[key] = 0
+        module = model.get_submodule(rule.source.rsplit(".", 1)[0])
+        module.register_forward_hook(lambda mod, args, out, key=key: sums.__setitem__(
+            key, sums.get(key, 0) + (lambda x: x.T @ x)(args[0].detach().reshape(-1, args[0].shape[-1]).double())))
+    for window in windows:
+        ids = torch.tensor([window])
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(ids).logits[0, :-1].float(), ids[0, 1:], reduction="sum").backward()
+        for rule in rules:
+            g2 = (model.get_parameter(rule.source).grad.double() ** 2).numpy()
+            for part, piece in zip(rule.parts, mapper.split(rule, g2)):
+                fisher[part] += float(piece.mean()) / len(windows)
+        n_tokens += len(window)
+    return {k: (v / n_tokens).numpy() for k, v in sums.items()}, fisher
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "gemma2"])
+def test_bounded_memory_statistics_equal_the_plain_ones(family, tmp_path):
+    """calibrate() batches the second-moment pass, sums on disk, checkpoints the layers and the head, and drops each
+    gradient once reduced: the figures are those of the plain computation (fused q/k/v, Conv1D, a soft-capped
+    head), and the temporary directory goes with the Calibration."""
+    import gc
+    import os
+
+    if family == "llama":
+        src = make_llama_dir(tmp_path / family)
+    elif family == "gemma2":
+        from tests.test_gemma import make_gemma_dir
+
+        src = make_gemma_dir(tmp_path / family, family)
+    else:
+        from tests.test_families import make_family_dir
+
+        src = make_family_dir(tmp_path / family, family, seed=3)
+    source = open_source(src)
+    cal = calibrate(source, TEXT, n_tokens=300, ctx=64)  # 5 windows of 65 and a short one: two batch shapes
+    hessians, fisher = _plain_statistics(source, calibration_windows(source, TEXT, n_tokens=300, ctx=64))
+    assert set(cal.hessians) == set(hessians) and set(cal.fisher) == set(fisher)
+    for key, h in hessians.items():
+        assert np.allclose(cal.hessians[key], h, rtol=1e-4, atol=1e-5 * np.abs(h).max()), key
+    for name, f in fisher.items():
+        assert cal.fisher[name] == pytest.approx(f, rel=1e-3), name
+    folder = cal.hessians._dir
+    assert os.path.isdir(folder)
+    del cal
+    gc.collect()
+    assert not os.path.exists(folder)
