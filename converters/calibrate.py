@@ -25,6 +25,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -184,7 +185,7 @@ def _space_modules(model, rules) -> dict[str, object]:
     return spaces
 
 
-_HEAD_CHUNK = 128  # positions per slice of logits in the gradient pass
+HEAD_CHUNK = 128  # positions per slice of logits in the gradient pass
 _MOMENT_BATCH_TOKENS = 2048  # windows per forward call in the second-moment pass: bounds its activations
 
 
@@ -231,6 +232,39 @@ def _decoder_layers(model, n_layers: int):
     return found[0]
 
 
+@contextmanager
+def checkpointed_layers(model, n_layers: int):
+    """Within: each decoder layer of `model` (a transformers causal LM) is checkpointed: its activations are
+    recomputed in the backward pass, so a forward keeps only the layers' inputs. Call the model with
+    use_cache=False (a cache would grow in the recomputation)."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = _decoder_layers(model, n_layers)
+    for layer in layers:  # an instance attribute over the class's method; deleted afterwards (no reference cycle)
+        layer.forward = lambda *a, plain=type(layer).forward.__get__(layer), **kw: checkpoint(
+            plain, *a, use_reentrant=False, **kw)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def head_logits(model, weight=None):
+    """hidden (T, d) -> float32 logits (T, vocab): the causal LM's output head and its final soft cap (Gemma);
+    `weight`: the head's matrix to use instead of the module's current one."""
+    import torch
+
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def logits(hidden):
+        out = (head(hidden) if weight is None else torch.nn.functional.linear(hidden, weight, head.bias)).float()
+        return torch.tanh(out / softcap) * softcap if softcap else out
+
+    return logits
+
+
 def _fisher(model, rules, windows, cfg: ModelConfig, started, log) -> dict[str, float]:
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -253,35 +287,26 @@ def _fisher(model, rules, windows, cfg: ModelConfig, started, log) -> dict[str, 
         param.requires_grad_(name in by_param)
         if name in by_param:
             handles.append(param.register_post_accumulate_grad_hook(lambda p, name=name: reduce(p, name)))
-    layers = _decoder_layers(model, cfg.num_hidden_layers)
-    for layer in layers:  # an instance attribute over the class's method; deleted afterwards (no reference cycle)
-        layer.forward = lambda *a, plain=type(layer).forward.__get__(layer), **kw: checkpoint(
-            plain, *a, use_reentrant=False, **kw)
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    head = head_logits(model)
 
     def head_nll(hidden, targets):  # the causal LM's head and loss on a slice of positions
-        logits = head(hidden).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        return torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
 
     try:
-        for k, window in enumerate(windows):
-            ids = torch.tensor([window])
-            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-            targets = ids[0, 1:]
-            # the logits (positions x vocabulary) are made and dropped a slice at a time, forward and backward
-            nll = sum(checkpoint(head_nll, hidden[a:a + _HEAD_CHUNK], targets[a:a + _HEAD_CHUNK], use_reentrant=False)
-                      for a in range(0, len(targets), _HEAD_CHUNK))
-            nll.backward()
-            del hidden, nll
-            log(f"calibration: gradients, window {k + 1}/{len(windows)} ({time.monotonic() - started:.0f} s)")
+        with checkpointed_layers(model, cfg.num_hidden_layers):
+            for k, window in enumerate(windows):
+                ids = torch.tensor([window])
+                hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+                targets = ids[0, 1:]
+                # the logits (positions x vocabulary) are made and dropped a slice at a time, forward and backward
+                nll = sum(checkpoint(head_nll, hidden[a:a + HEAD_CHUNK], targets[a:a + HEAD_CHUNK],
+                                     use_reentrant=False) for a in range(0, len(targets), HEAD_CHUNK))
+                nll.backward()
+                del hidden, nll
+                log(f"calibration: gradients, window {k + 1}/{len(windows)} ({time.monotonic() - started:.0f} s)")
     finally:
         for h in handles:
             h.remove()
-        for layer in layers:
-            del layer.forward
     return {n: v / len(windows) for n, v in fisher.items()}
 
 

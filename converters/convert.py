@@ -58,9 +58,11 @@ def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), *,
     """Convert `src` to `out`. Returns a summary (tensor count, bytes, parameters, achieved bits per weight).
     `progress`: a bar per pass on stderr (occrt/progress.py)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    policy = Policy(options)
+    options.validate()
     source = open_source(src)
     try:
+        options = options.for_source(source.config)
+        policy = Policy(options)
         return _write(source, out, options, policy, log, progress)
     finally:
         source.close()

@@ -24,7 +24,6 @@ the calibration text (`occrt convert --calib FILE --tune-steps N`), and torch, l
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -32,73 +31,71 @@ import numpy as np
 from occrt.codecs import ans
 from occrt.codecs.base import Encoded
 from occrt.codecs.ecsq import ECSQ, EcsqCodec, Layout, to_f16
-from occrt.codecs.rotation import RotationSpec, unrotate
+from occrt.codecs.rotation import RotationSpec
 
 DEFAULT_STEPS = 32
 DEFAULT_LR = 3e-3  # Adam on the log-multipliers: the one setting tried on SmolLM2 (benchmarks/quality_results.md)
-
-
-@dataclass
-class _Coded:
-    """One ecsq record opened for tuning (torch tensors; `codes` already multiplied by the step)."""
-
-    codes: "object"  # (n_out, n_in) float32: Δ·C
-    a0: "object"  # (n_out,) float32
-    b0: "object"  # (n_in,) float32
-    structure: "object | None"  # (n_out, n_in) float32: U·V, or None for rank 0
-    q_in: "object | None"  # (n_in, n_in): W = W_r · q_in
-    q_out_t: "object | None"  # (n_out, n_out): W = q_out_t · W_r
-    layout: Layout
-    log_a: "object" = None
-    log_b: "object" = None
 
 
 def _side(enc: Encoded) -> bytes:
     return bytes(enc.payload[0])
 
 
-def _open_record(enc: Encoded, torch) -> _Coded:
-    n_out, n_in = enc.shape
-    params = enc.params
-    layout = Layout.of(n_out, n_in, params)
-    if layout.row_scales is None or layout.col_scales is None:
-        raise ValueError("tuning needs records built with row and column multipliers")
-    side = np.frombuffer(_side(enc), dtype=np.uint8)
-    block = np.frombuffer(bytes(enc.payload[1]), dtype=np.uint8)
-    codes = ans.decode_symbols(block, n_symbols=n_out * n_in).reshape(n_out, n_in)
+class _CodedLinear:
+    """One ecsq record opened for tuning, computing its layer's output from the compact form, as the runtime does
+    (occrt/model/decoder_torch.py): x_r = Q_in x, y = Q_outᵀ(((x_r ⊙ b) (Δ·C)ᵀ) ⊙ a + (x_r Vᵀ) Uᵀ) + bias, with
+    a = a0·exp(log_a), b = b0·exp(log_b). The codes stay integers (the smallest type that holds them); Δ·C is
+    widened to float32 inside the call, so with checkpointed layers no float copy of the model's weights is kept."""
 
-    def f16(part):
-        start, n_bytes = part
-        return side[start:start + n_bytes].view("<f2").astype(np.float32)
+    def __init__(self, enc: Encoded, hadamards: dict, torch):
+        from occrt.kernels.hadamard import TorchHadamard
 
-    structure = None
-    if params["rank"]:
+        n_out, n_in = enc.shape
+        params = enc.params
+        self.layout = layout = Layout.of(n_out, n_in, params)
+        if layout.row_scales is None or layout.col_scales is None:
+            raise ValueError("tuning needs records built with row and column multipliers")
+        side = np.frombuffer(_side(enc), dtype=np.uint8)
+        block = np.frombuffer(bytes(enc.payload[1]), dtype=np.uint8)
+        codes = ans.decode_symbols(block, n_symbols=n_out * n_in).reshape(n_out, n_in)
+        peak = int(np.abs(codes).max(initial=0))
+        small = np.int8 if peak < 1 << 7 else np.int16 if peak < 1 << 15 else np.int32
+        self.codes = torch.from_numpy(codes.astype(small))
+        self.step = float(params["step"])
+
+        def f16(part):
+            start, n_bytes = part
+            return torch.from_numpy(side[start:start + n_bytes].view("<f2").astype(np.float32))
+
+        self.a0, self.b0 = f16(layout.row_scales), f16(layout.col_scales)
         r = params["rank"]
-        structure = torch.from_numpy(f16(layout.u).reshape(n_out, r) @ f16(layout.v).reshape(r, n_in))
+        self.u = f16(layout.u).reshape(n_out, r) if r else None
+        self.v = f16(layout.v).reshape(r, n_in) if r else None
 
-    def dense(spec_json, n, axis):
-        if spec_json is None:
-            return None
-        return torch.from_numpy(unrotate(np.eye(n, dtype=np.float32), RotationSpec.from_json(spec_json), axis=axis))
+        def hadamard(spec_json):
+            if spec_json is None:
+                return None
+            spec = RotationSpec.from_json(spec_json)
+            return hadamards.setdefault(spec, TorchHadamard(spec))
 
-    return _Coded(codes=torch.from_numpy(codes.astype(np.float32) * np.float32(params["step"])),
-                  a0=torch.from_numpy(f16(layout.row_scales)), b0=torch.from_numpy(f16(layout.col_scales)),
-                  structure=structure, q_in=dense(params["rot_in"], n_in, 1), q_out_t=dense(params["rot_out"], n_out, 0),
-                  layout=layout)
+        self.q_in, self.q_out = hadamard(params["rot_in"]), hadamard(params["rot_out"])
+        self.log_a = torch.zeros(n_out, requires_grad=True)
+        self.log_b = torch.zeros(n_in, requires_grad=True)
+
+    def __call__(self, x, bias):
+        import torch
+
+        x_r = x if self.q_in is None else self.q_in.rotate(x)
+        y = (x_r * (self.b0 * torch.exp(self.log_b))) @ (self.codes.to(torch.float32) * self.step).T
+        y = y * (self.a0 * torch.exp(self.log_a))
+        if self.u is not None:
+            y = y + (x_r @ self.v.T) @ self.u.T
+        if self.q_out is not None:
+            y = self.q_out.unrotate(y)
+        return y if bias is None else y + bias
 
 
-def _weight(c: _Coded, torch):
-    w = c.codes * (c.a0 * torch.exp(c.log_a))[:, None] * (c.b0 * torch.exp(c.log_b))[None, :]  # (n_out, n_in)
-    if c.structure is not None:
-        w = w + c.structure
-    if c.q_in is not None:
-        w = w @ c.q_in
-    if c.q_out_t is not None:
-        w = c.q_out_t @ w
-    return w
-
-
-def _with_scales(enc: Encoded, c: _Coded) -> Encoded:
+def _with_scales(enc: Encoded, c: _CodedLinear) -> Encoded:
     """The record with its multipliers replaced by the tuned ones (codes, step, structure unchanged)."""
     side = bytearray(_side(enc))
     for part, base, log in ((c.layout.row_scales, c.a0, c.log_a), (c.layout.col_scales, c.b0, c.log_b)):
@@ -109,6 +106,61 @@ def _with_scales(enc: Encoded, c: _Coded) -> Encoded:
                    payload=[bytes(side), enc.payload[1]], params=enc.params)
 
 
+class Student:
+    """The coded model inside the source's torch model (`teacher`), without a second copy of it.
+
+    Each coded linear module computes from its record (`_CodedLinear`) while `student` is on, from the source's
+    weights otherwise; the embedding (and a tied head) use the decoded `fixed` tensors while it is on. Use as a
+    context manager: the modules are restored on exit."""
+
+    def __init__(self, teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarray]):
+        import torch
+
+        self.model = teacher
+        self.on = False
+        hadamards: dict = {}
+        self.coded = {name: _CodedLinear(enc, hadamards, torch) for name, enc in records.items()
+                      if enc.codec == EcsqCodec.id}
+        self._modules = [(teacher.get_submodule(name.rsplit(".", 1)[0]), c) for name, c in self.coded.items()]
+        self._swaps = []  # (module, attribute, source parameter, coded tensor)
+        for name, value in fixed.items():
+            original = teacher.get_parameter(name)
+            coded = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+            self._swaps += [(m, attr, original, coded) for m in teacher.modules()
+                            for attr, p in m._parameters.items() if p is original]  # a tied head too
+
+    def __enter__(self) -> "Student":
+        import torch
+
+        for module, coded in self._modules:
+            if not isinstance(module, torch.nn.Linear):
+                raise ValueError(f"tuning needs plain linear modules, got {type(module).__name__}")
+
+            def forward(x, module=module, coded=coded):
+                return coded(x, module.bias) if self.on else torch.nn.functional.linear(x, module.weight, module.bias)
+
+            module.forward = forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.set(False)
+        for module, _ in self._modules:
+            del module.forward  # back to the class's method
+
+    def set(self, on: bool) -> None:
+        """Switch between the coded model (True) and the source model (False)."""
+        self.on = on
+        for module, attr, original, coded in self._swaps:
+            module._parameters[attr] = coded if on else original
+
+    def parameters(self) -> list:
+        return [c.log_a for c in self.coded.values()] + [c.log_b for c in self.coded.values()]
+
+    def hidden(self, ids):
+        """Last hidden states (T, d) of the model currently switched on."""
+        return self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+
+
 def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarray], windows: list[list[int]], *,
                 steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
                 log: Callable[[str], None] = lambda msg: None) -> dict[str, Encoded]:
@@ -116,50 +168,67 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
     next-token distributions follow `teacher`'s on `windows`.
 
     `fixed`: the other coded tensors as the decoder rebuilds them (e.g. the embedding), substituted as constants.
-    Returns the tuned records. `teacher` is a torch module in float32 whose parameters are the source's."""
+    Returns the tuned records. `teacher` is a torch module in float32 whose parameters are the source's.
+    Memory: the teacher, the codes as small integers, one window's teacher log-probabilities, the layers' inputs
+    (checkpointed layers) and a slice of logits at a time (converters/calibrate.py's helpers)."""
     import torch
-    from torch.func import functional_call
+    from torch.utils.checkpoint import checkpoint
+
+    from occrt.converters.calibrate import HEAD_CHUNK, checkpointed_layers, head_logits
 
     if steps <= 0 or not windows:
         return records
     started = time.monotonic()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    coded = {}
-    for name, enc in records.items():
-        if enc.codec != EcsqCodec.id:
-            continue
-        c = _open_record(enc, torch)
-        c.log_a = torch.zeros(enc.shape[0], requires_grad=True)
-        c.log_b = torch.zeros(enc.shape[1], requires_grad=True)
-        coded[name] = c
-    constants = {n: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for n, v in fixed.items()}
-    params = [c.log_a for c in coded.values()] + [c.log_b for c in coded.values()]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    head = head_logits(teacher)  # the model's head as switched (the coded embedding when the student is on)
+    teacher_head = head_logits(teacher, weight=teacher.get_output_embeddings().weight)  # always the source's
 
-    def student(ids):
-        overrides = {**constants, **{n: _weight(c, torch) for n, c in coded.items()}}
-        return functional_call(teacher, overrides, (ids,), strict=False).logits[0].float()
+    def kl_slice(hidden, hidden_teacher):  # sum over the slice's positions of KL(teacher ‖ student)
+        with torch.no_grad():  # the teacher's log-probabilities a slice at a time: never (T, vocab) at once
+            target = torch.log_softmax(teacher_head(hidden_teacher), dim=-1)
+        predicted = torch.log_softmax(head(hidden), dim=-1)
+        return (target.exp() * (target - predicted)).sum()
 
     first = last = None
-    for step in range(steps):
-        ids = torch.tensor([windows[step % len(windows)]])
-        with torch.no_grad():
-            target = torch.log_softmax(teacher(ids).logits[0].float(), dim=-1)  # (T, vocab)
-        predicted = torch.log_softmax(student(ids), dim=-1)
-        kl = (target.exp() * (target - predicted)).sum(dim=-1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        kl.backward()
-        optimizer.step()
-        value = float(kl.detach())
-        first = value if first is None else first
-        last = value
-        log(f"tuning: step {step + 1}/{steps}, KL {value:.4f} nats/token ({time.monotonic() - started:.0f} s)")
+    with Student(teacher, records, fixed) as student, \
+            checkpointed_layers(teacher, teacher.config.num_hidden_layers):
+        optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+        for step in range(steps):
+            ids = torch.tensor([windows[step % len(windows)]])
+            with torch.no_grad():
+                student.set(False)
+                hidden_teacher = student.hidden(ids)  # (T, d)
+            student.set(True)
+            hidden = student.hidden(ids)
+            kl = sum(checkpoint(kl_slice, hidden[a:a + HEAD_CHUNK], hidden_teacher[a:a + HEAD_CHUNK],
+                                use_reentrant=False) for a in range(0, len(hidden), HEAD_CHUNK)) / len(hidden)
+            optimizer.zero_grad(set_to_none=True)
+            kl.backward()
+            optimizer.step()
+            del hidden, hidden_teacher
+            value = float(kl.detach())
+            first = value if first is None else first
+            last = value
+            log(f"tuning: step {step + 1}/{steps}, KL {value:.4f} nats/token ({time.monotonic() - started:.0f} s)")
+        student.set(False)
     log(f"tuning: KL {first:.4f} -> {last:.4f} nats/token over {steps} steps ({time.monotonic() - started:.0f} s)")
     out = dict(records)
-    for name, c in coded.items():
+    for name, c in student.coded.items():
         out[name] = _with_scales(records[name], c)
     return out
+
+
+def tunable(cfg) -> bool:
+    """Whether the family's torch model holds every coded linear layer as occrt stores it (one plain matrix under
+    the same name): the student swaps those modules' forwards (Llama, Mistral, Qwen2/3, Gemma 2/3: yes; Phi-3's
+    fused q/k/v and gate/up, GPT-2's Conv1D: no)."""
+    from occrt.converters.architectures import for_architecture
+    from occrt.converters.calibrate import _LINEAR
+
+    rules = [r for r in for_architecture(cfg.architecture).hf_rules(cfg) if _LINEAR.fullmatch(r.parts[0])]
+    return bool(rules) and all(r.parts == (r.source,) and not (r.transpose or r.offset or r.permute_heads)
+                               for r in rules)
 
 
 def decode_record(enc: Encoded) -> np.ndarray:

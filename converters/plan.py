@@ -97,9 +97,11 @@ def plan_conversion(src: str, options: ConvertOptions = ConvertOptions(), *,
     import sys
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    policy = Policy(options)
+    options.validate()
     source = open_source(src)
     try:
+        options = options.for_source(source.config)
+        policy = Policy(options)
         mode = "lossless" if options.lossless else f"bpw {options.bpw:g}" if options.bpw is not None else "raw"
         plan = ConversionPlan(source=src, mode=mode, blob_bytes=len(source.tokenizer.tokenizer_json))
         prepare(source, options, policy, log, progress)

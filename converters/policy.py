@@ -9,8 +9,9 @@
     --calib FILE       (with --bpw) inputs rotated by default; each tensor's distortion weighted by its loss
                        sensitivity (Fisher); codes rounded with error feedback under the inputs' second moments
                        (converters/calibrate.py, converters/gptq.py)
-    --tune-steps N     (with --calib) linear layers carry per-row and per-column step multipliers, fitted after
-                       coding by distillation from the source model (converters/finetune.py)
+    --tune-steps N     (with --calib; default 32 where the family allows it, 0: off) linear layers carry per-row
+                       and per-column step multipliers, fitted after coding by distillation from the source model
+                       (converters/finetune.py)
 
 With --bpw, conversion makes two passes over the source: the first measures each tensor's rate-distortion curves
 (`measure`), `finalize` allocates the budget, the second encodes (`encode`). Only one tensor is in memory at a time.
@@ -18,7 +19,7 @@ With --bpw, conversion makes two passes over the source: the first measures each
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -65,7 +66,10 @@ class CodingOptions:
     seed: int = 0  # rotation seeds derive from this
     calib: str | None = None  # calibration text file: error-feedback rounding and sensitivity-weighted allocation
     calib_tokens: int = DEFAULT_TOKENS
-    tune_steps: int = 0  # with calib: steps of end-to-end tuning of the step multipliers (converters/finetune.py)
+    # with calib: steps of end-to-end tuning of the step multipliers (converters/finetune.py); None: the default,
+    # finetune.DEFAULT_STEPS with --calib where the family's torch model has the linear layers as occrt stores them
+    # (Llama, Mistral, Qwen, Gemma), else 0 (`for_source` decides)
+    tune_steps: int | None = None
     chunk_size: int = ans.DEFAULT_CHUNK_SIZE
 
     def validate(self) -> None:
@@ -81,7 +85,7 @@ class CodingOptions:
             raise ConversionError(f"--calib-tokens must be in [16, 4194304], got {self.calib_tokens}")
         if self.tune_steps and self.calib is None:
             raise ConversionError("--tune-steps needs --calib (the tuning distils the source model on that text)")
-        if not 0 <= self.tune_steps <= 1 << 20:
+        if self.tune_steps is not None and not 0 <= self.tune_steps <= 1 << 20:
             raise ConversionError(f"--tune-steps must be in [0, 1048576], got {self.tune_steps}")
         if self.rotate is not None and self.rotate not in ROTATIONS:
             raise ConversionError(f"--rotate must be one of {ROTATIONS}, got {self.rotate!r}")
@@ -89,6 +93,15 @@ class CodingOptions:
             raise ConversionError(f"--ranks must be non-negative integers, got {self.ranks}")
         if not 0 <= self.seed < 1 << 53:
             raise ConversionError(f"--seed must be in [0, 2^53), got {self.seed}")
+
+
+    def for_source(self, cfg) -> "CodingOptions":
+        """These options with the defaults that depend on the model settled (tune_steps None -> a number)."""
+        if self.tune_steps is not None:
+            return self
+        from occrt.converters.finetune import DEFAULT_STEPS, tunable
+
+        return replace(self, tune_steps=DEFAULT_STEPS if self.calib is not None and tunable(cfg) else 0)
 
 
 def as_f32(t: SourceTensor) -> np.ndarray:
@@ -149,7 +162,7 @@ class Policy:
         ranks = sorted({min(r, n_out, n_in) for r in self.o.ranks})
         # with tuning, unit multipliers a = b = 1 from the start: the rate control counts their bytes, the tuning
         # (after every tensor is coded) fills in their values
-        unit = self.o.tune_steps > 0
+        unit = bool(self.o.tune_steps)  # None (not settled by for_source) counts as off
         return [{"rank": r, "rot_in": r_in, "rot_out": r_out, "row_scales": False, "unit_scales": unit}
                 for r in ranks]
 

@@ -296,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "by each tensor's loss sensitivity")
     c.add_argument("--calib-tokens", type=_positive_int, default=8192,
                    help="tokens of the calibration text to use (default: 8192)")
-    c.add_argument("--tune-steps", type=_non_negative_int, default=0,
-                   help="with --calib: steps of end-to-end tuning of the step multipliers by "
-                        "distillation from the source model (default: 0, off)")
+    c.add_argument("--tune-steps", type=_non_negative_int, default=None,
+                   help="with --calib: steps of end-to-end tuning of the step multipliers by distillation from the "
+                        "source model (default: 32 with --calib for Llama, Mistral, Qwen and Gemma models, which "
+                        "the tuning supports; 0 turns it off)")
     c.add_argument("--ranks", type=_rank_list, default=[0],
                    help="with --bpw: structural ranks the rate control may choose per tensor, e.g. 0,8,32 "
                         "(default: 0)")

@@ -69,7 +69,8 @@ def test_second_moments_match_the_model(tiny_llama_dir, tiny_occ):
 def test_calib_conversion_meets_target_and_helps(tiny_llama_dir, calib_file, tmp_path):
     ref = hf_logits(tiny_llama_dir, IDS)
     errs = {}
-    for label, extra in (("plain", {}), ("calib", {"calib": calib_file, "calib_tokens": 512})):
+    # tuning off: on a model this small its multipliers cost ~0.4 bit per weight (test below)
+    for label, extra in (("plain", {}), ("calib", {"calib": calib_file, "calib_tokens": 512, "tune_steps": 0})):
         out = str(tmp_path / f"{label}.occ")
         summary = convert(tiny_llama_dir, out, ConvertOptions(bpw=3.0, rotate="in", **extra), log=lambda m: None)
         assert abs(summary["linear_bpw"] / 3.0 - 1) < 0.02
@@ -191,3 +192,59 @@ def test_bounded_memory_statistics_equal_the_plain_ones(family, tmp_path):
     del cal
     gc.collect()
     assert not os.path.exists(folder)
+
+
+@pytest.mark.parametrize("rotate", ["in", "both"])
+def test_the_tuning_student_is_the_coded_model(tiny_llama_dir, calib_file, tmp_path, rotate):
+    """The student the tuning differentiates (converters/finetune.py: codes kept as integers inside the source's
+    torch model, rotations applied to the activations, the decoded embedding swapped in) computes the logits occrt's
+    runtime computes from the written file; switched off, it is the source model again."""
+    import torch
+
+    from occrt.converters.calibrate import calibration_model, head_logits
+    from occrt.converters.finetune import Student
+    from occrt.format import OccFile
+
+    out = str(tmp_path / "coded.occ")
+    convert(tiny_llama_dir, out, ConvertOptions(bpw=3.0, calib=calib_file, calib_tokens=256, tune_steps=1,
+                                                rotate=rotate, ranks=(0, 4)), log=lambda m: None)
+    source = open_source(tiny_llama_dir)
+    teacher, _ = calibration_model(source)
+    from occrt.codecs.base import Encoded
+    from occrt.codecs.ecsq import Layout
+
+    def record(f, e):  # the record as the converter handed it to the writer: side data, then the ANS block
+        p, start = bytes(f.payload(e)), Layout.of(*e.shape, e.params).codes
+        return Encoded(codec=e.codec, codec_version=e.codec_version, dtype=e.dtype, shape=tuple(e.shape),
+                       payload=[p[:start], p[start:]], params=e.params)
+
+    with OccFile.open(out) as f:
+        records = {n: record(f, e) for n, e in f.tensors.items() if n.endswith("_proj.weight")}
+        fixed = {n: np.asarray(f.tensor(n), dtype=np.float32) for n in ("model.embed_tokens.weight", "lm_head.weight")
+                 if n in f.tensors}
+    m = occrt.load(out)
+    want = m.forward(np.asarray(IDS), m.new_cache(len(IDS)), all_logits=True)
+    head = head_logits(teacher)
+    with torch.no_grad(), Student(teacher, records, fixed) as student:
+        student.set(True)
+        got = head(student.hidden(torch.tensor([IDS]))).numpy()
+        student.set(False)
+        plain = head(student.hidden(torch.tensor([IDS]))).numpy()
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+    assert np.abs(plain - hf_logits(tiny_llama_dir, IDS)).max() < 1e-4
+    assert np.abs(plain - want).max() > 1e-2  # the coded model is not the source
+
+
+def test_tuning_is_on_by_default_with_calibration_where_supported(tiny_llama_dir, tmp_path):
+    """--tune-steps unset: 32 steps with --calib on a family whose torch model holds the linear layers as occrt
+    stores them; 0 without --calib, and 0 for Phi-3 (fused q/k/v) and GPT-2 (Conv1D); a number given is kept."""
+    from occrt.converters.finetune import DEFAULT_STEPS
+    from tests.test_families import make_family_dir
+
+    llama = open_source(tiny_llama_dir).config
+    assert ConvertOptions(bpw=3.0, calib="c.txt").for_source(llama).tune_steps == DEFAULT_STEPS
+    assert ConvertOptions(bpw=3.0).for_source(llama).tune_steps == 0
+    assert ConvertOptions(bpw=3.0, calib="c.txt", tune_steps=5).for_source(llama).tune_steps == 5
+    for name in ("phi3", "gpt2"):
+        cfg = open_source(make_family_dir(tmp_path / name, name)).config
+        assert ConvertOptions(bpw=3.0, calib="c.txt").for_source(cfg).tune_steps == 0
