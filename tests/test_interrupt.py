@@ -150,8 +150,11 @@ def test_sigint_while_writing_cleans_up_in_process(tmp_path):
 
 # phase -> (extra flags, the line that starts it, the line that would end it)
 PHASES = {
-    "calibration": (("--bpw", "3", "--calib", "{calib}", "--calib-tokens", "8192"), "calibration: window 1/",
-                    " tokens in "),
+    "calibration": (("--bpw", "3", "--calib", "{calib}", "--calib-tokens", "8192"),
+                    "calibration: second moments, window ", " tokens in "),  # batched: the first line says 8/33
+    "gradients": (("--bpw", "3", "--calib", "{calib}", "--calib-tokens", "8192"), "calibration: gradients, window 1/",
+                  " tokens in "),
+    "tuning": (("--bpw", "3", "--calib", "{calib}", "--calib-tokens", "1024"), "tuning: step 1/", "tuning: KL"),
     "measure": (("--bpw", "3"), "rate control: measuring", "measured and allocated"),
     "encode": (("--bpw", "3"), "writing ", "wrote "),
 }
@@ -159,7 +162,8 @@ PHASES = {
 
 @pytest.mark.parametrize("phase", sorted(PHASES))
 def test_ctrl_c_in_each_phase_leaves_nothing(medium_llama_dir, tmp_path, phase):
-    """SIGINT as each phase starts (read off the log): exit 130 with a one-line message, no output, no temporary."""
+    """SIGINT as each phase starts (read off the log): exit 130 with a one-line message, no output, no temporary
+    (the output's, or calibration's in the temporary directory)."""
     from tests.conftest import WORDS
 
     calib = tmp_path / "calib.txt"
@@ -167,7 +171,10 @@ def test_ctrl_c_in_each_phase_leaves_nothing(medium_llama_dir, tmp_path, phase):
     flags, start, end = PHASES[phase]
     out = tmp_path / "out.occ"
     cmd = _convert_cmd(medium_llama_dir, out, *(f.format(calib=calib) for f in flags))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    scratch = tmp_path / "tmp"  # the child's temporary directory (calibration spills its statistics there)
+    scratch.mkdir()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(scratch)})
     try:
         seen = []
         for line in proc.stderr:
@@ -186,6 +193,7 @@ def test_ctrl_c_in_each_phase_leaves_nothing(medium_llama_dir, tmp_path, phase):
     assert proc.returncode == 130, log
     assert after[-1] == f"occrt: interrupted; {out} was not written (no partial or temporary file is left)", log
     assert not out.exists() and not _temporaries(out), os.listdir(tmp_path)
+    assert os.listdir(scratch) == []  # nor a spilled statistic
 
 
 def _reap(proc: subprocess.Popen) -> None:
