@@ -169,8 +169,8 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
 
     `fixed`: the other coded tensors as the decoder rebuilds them (e.g. the embedding), substituted as constants.
     Returns the tuned records. `teacher` is a torch module in float32 whose parameters are the source's.
-    Memory: the teacher, the codes as small integers, one window's teacher log-probabilities, the layers' inputs
-    (checkpointed layers) and a slice of logits at a time (converters/calibrate.py's helpers)."""
+    Memory: the teacher, the codes as small integers, the source model's last hidden states per window, the layers'
+    inputs (checkpointed layers) and a slice of logits at a time (converters/calibrate.py's helpers)."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -194,11 +194,16 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
     with Student(teacher, records, fixed) as student, \
             checkpointed_layers(teacher, teacher.config.num_hidden_layers):
         optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+        teacher_hidden: dict[int, object] = {}  # window -> the source model's last hidden states (T, d): computed
+        # once, since a window comes back every len(windows) steps (a few MB for all windows)
         for step in range(steps):
-            ids = torch.tensor([windows[step % len(windows)]])
-            with torch.no_grad():
-                student.set(False)
-                hidden_teacher = student.hidden(ids)  # (T, d)
+            k = step % len(windows)
+            ids = torch.tensor([windows[k]])
+            if k not in teacher_hidden:
+                with torch.no_grad():
+                    student.set(False)
+                    teacher_hidden[k] = student.hidden(ids)
+            hidden_teacher = teacher_hidden[k]
             student.set(True)
             hidden = student.hidden(ids)
             kl = sum(checkpoint(kl_slice, hidden[a:a + HEAD_CHUNK], hidden_teacher[a:a + HEAD_CHUNK],
@@ -206,7 +211,7 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
             optimizer.zero_grad(set_to_none=True)
             kl.backward()
             optimizer.step()
-            del hidden, hidden_teacher
+            del hidden
             value = float(kl.detach())
             first = value if first is None else first
             last = value
