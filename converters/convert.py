@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -58,12 +59,19 @@ def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), *,
     """Convert `src` to `out`. Returns a summary (tensor count, bytes, parameters, achieved bits per weight).
     `progress`: a bar per pass on stderr (occrt/progress.py)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    with opened(src, options) as (source, options, policy):
+        return _write(source, out, options, policy, log, progress)
+
+
+@contextmanager
+def opened(src: str, options: ConvertOptions):
+    """(source, options with the model-dependent defaults settled, policy) for converting or planning `src`; the
+    options are checked before the source is opened, and the source is closed on the way out."""
     options.validate()
     source = open_source(src)
     try:
         options = options.for_source(source.config)
-        policy = Policy(options)
-        return _write(source, out, options, policy, log, progress)
+        yield source, options, Policy(options)
     finally:
         source.close()
 

@@ -24,7 +24,7 @@ import numpy as np
 from occrt.codecs.ecsq import EcsqCodec
 from occrt.codecs.planes import PlanesCodec, estimate_payload_bytes
 from occrt.codecs.raw import RawCodec
-from occrt.converters.convert import ConvertOptions, checked_pass, file_metadata, open_source, prepare
+from occrt.converters.convert import ConvertOptions, checked_pass, file_metadata, opened, prepare
 from occrt.converters.policy import Policy
 from occrt.converters.source import SourceTensor
 from occrt.errors import ConversionError
@@ -97,11 +97,7 @@ def plan_conversion(src: str, options: ConvertOptions = ConvertOptions(), *,
     import sys
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    options.validate()
-    source = open_source(src)
-    try:
-        options = options.for_source(source.config)
-        policy = Policy(options)
+    with opened(src, options) as (source, options, policy):
         mode = "lossless" if options.lossless else f"bpw {options.bpw:g}" if options.bpw is not None else "raw"
         plan = ConversionPlan(source=src, mode=mode, blob_bytes=len(source.tokenizer.tokenizer_json))
         prepare(source, options, policy, log, progress)
@@ -114,8 +110,6 @@ def plan_conversion(src: str, options: ConvertOptions = ConvertOptions(), *,
             raise ConversionError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
         plan.header_bytes = _header_estimate(plan, file_metadata(source, options, policy))
         return plan
-    finally:
-        source.close()
 
 
 def _plan_tensor(t: SourceTensor, options: ConvertOptions, policy: Policy) -> PlannedTensor:
