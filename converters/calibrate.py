@@ -12,7 +12,7 @@ H comes from a forward pass and F from a forward and backward pass per window of
 implementation of the family, `AutoModelForCausalLM` on the config an export would write, its tensors put back in the
 family's layout by the converter's rules: Phi-3's fused q/k/v, GPT-2's Conv1D) -- conversion may use torch; the
 runtime never does. A fused module's input is the input space of all its parts, and its gradient splits into the
-parts' Fisher values by the same rules. Memory: the model in float32 plus one window's layer inputs and logits; the
+parts' Fisher values by the same rules. Memory: the model in float32 plus one window's layer inputs and a slice of logits; the
 H matrices (one n_in × n_in matrix per input space) wait in a temporary directory (`calibrate` says how).
 """
 from __future__ import annotations
@@ -155,14 +155,12 @@ def calibrate(source: Source, text: str, *, n_tokens: int = DEFAULT_TOKENS, ctx:
               log: Callable[[str], None] = lambda msg: None) -> Calibration:
     """Two passes over the windows, so the two statistics never share memory:
 
-      1. forward only (no graph): H for every input space, accumulated in float32, then written to a temporary
-         directory (`SpilledArrays`: read back one at a time when a tensor is coded);
+      1. forward only (no graph, windows batched): each call's xᵀx for every input space added to a float32 file in
+         a temporary directory (`SpilledArrays`: read back one matrix at a time when a tensor is coded);
       2. forward and backward, each decoder layer checkpointed (its activations recomputed in the backward pass, so
          only the layers' inputs are kept), each weight's gradient reduced to its Fisher value and dropped the moment
          it is complete: never the whole model's gradients at once.
-    Peak: the float32 model plus one window's layer inputs and logits."""
-    import torch
-
+    Peak: the float32 model plus one window's layer inputs and a slice of its logits."""
     started = time.monotonic()
     ctx = min(ctx, source.config.max_position_embeddings - 1)  # a window and its BOS fit the model's positions
     windows = calibration_windows(source, text, n_tokens=n_tokens, ctx=ctx)
