@@ -26,7 +26,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -47,6 +47,10 @@ class Calibration:
     tokens: int
     hessians: Mapping[str, np.ndarray]  # "model.layers.{i}.{space}" -> (n_in, n_in) float64, E[x xᵀ]
     fisher: dict[str, float]  # tensor name -> mean squared gradient of its entries
+    windows: list[list[int]] = field(default_factory=list)  # the token windows the statistics came from
+    # the source model's last hidden states (T, d) float32 per window, from the second-moment pass: the teacher's
+    # side of the tuning (converters/finetune.py), so the tuning needs no float32 copy of the linear weights
+    hidden: list[np.ndarray] = field(default_factory=list)
 
     def hessian_for(self, tensor_name: str) -> np.ndarray | None:
         m = _LINEAR.fullmatch(tensor_name)
@@ -64,9 +68,10 @@ def calibration_windows(source: Source, text: str, *, n_tokens: int, ctx: int) -
     return [([bos] if bos is not None else []) + ids[s:s + ctx] for s in range(0, len(ids), ctx)]
 
 
-def calibration_model(source: Source):
+def calibration_model(source: Source, *, linear_weights: bool = True):
     """transformers' float32 model of the source's family, its weights the source's tensors; returns (model, the
-    family's tensor rules that hold linear weights)."""
+    family's tensor rules that hold linear weights). `linear_weights=False`: those rules' weights are not read and
+    stay on the meta device (no memory; the model cannot run until something else computes those layers)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -80,11 +85,14 @@ def calibration_model(source: Source):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf),
                                                  dtype=torch.float32)
     rules = family.hf_rules(cfg)
-    state = _streamed_state(source, rules)
+    linear = [r for r in rules if _LINEAR.fullmatch(r.parts[0])]
+    state = _streamed_state(source, rules if linear_weights else [r for r in rules if r not in linear])
     if cfg.tie_word_embeddings:
         embed = next(r.source for r in rules if r.parts == ("model.embed_tokens.weight",))
         state["lm_head.weight"] = state[embed]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if not linear_weights:
+        missing = [n for n in missing if n not in {r.source for r in linear}]
     if missing or unexpected:
         raise ConversionError(f"calibration model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     _materialize_rotary(model, cfg)
@@ -92,7 +100,7 @@ def calibration_model(source: Source):
     if left:
         raise ConversionError(f"calibration model: buffers {left[:3]} have no values")
     model.float().eval()
-    return model, [r for r in rules if _LINEAR.fullmatch(r.parts[0])]
+    return model, linear
 
 
 def _streamed_state(source: Source, rules) -> dict:
@@ -166,12 +174,13 @@ def calibrate(source: Source, text: str, *, n_tokens: int = DEFAULT_TOKENS, ctx:
     windows = calibration_windows(source, text, n_tokens=n_tokens, ctx=ctx)
     model, rules = calibration_model(source)
     try:
-        hessians, n_tokens_seen = _second_moments(model, rules, windows, started, log)
+        hessians, hidden = _second_moments(model, rules, windows, started, log)
         fisher = _fisher(model, rules, windows, source.config, started, log)
     finally:
         del model
         gc.collect()  # transformers' modules hold reference cycles: free the float32 model before coding starts
-    return Calibration(tokens=n_tokens_seen, hessians=hessians, fisher=fisher)
+    return Calibration(tokens=sum(len(w) for w in windows), hessians=hessians, fisher=fisher, windows=windows,
+                       hidden=hidden)
 
 
 def _space_modules(model, rules) -> dict[str, object]:
@@ -187,9 +196,10 @@ HEAD_CHUNK = 128  # positions per slice of logits in the gradient pass
 _MOMENT_BATCH_TOKENS = 2048  # windows per forward call in the second-moment pass: bounds its activations
 
 
-def _second_moments(model, rules, windows, started, log) -> tuple["SpilledArrays", int]:
+def _second_moments(model, rules, windows, started, log) -> tuple["SpilledArrays", list[np.ndarray]]:
     """E[x xᵀ] per input space, through the base model (no output head, no graph), windows of one length batched;
-    each call's xᵀx goes straight onto the space's running sum on disk, so no sum is held in memory."""
+    each call's xᵀx goes straight onto the space's running sum on disk, so no sum is held in memory. Also returns
+    the base model's last hidden states per window (float32, (T, d)): a few MB, kept for the tuning."""
     import torch
 
     n_seen = sum(len(w) for w in windows)
@@ -209,16 +219,19 @@ def _second_moments(model, rules, windows, started, log) -> tuple["SpilledArrays
         else:
             batches.append([window])
     done = 0
+    hidden: list[np.ndarray] = []
     try:
         with torch.no_grad():
             for batch in batches:
-                model.base_model(input_ids=torch.tensor(batch), use_cache=False)
+                out = model.base_model(input_ids=torch.tensor(batch), use_cache=False).last_hidden_state
+                hidden += [h.float().numpy().copy() for h in out]
+                del out
                 done += len(batch)
                 log(f"calibration: second moments, window {done}/{len(windows)} ({time.monotonic() - started:.0f} s)")
     finally:
         for h in handles:
             h.remove()
-    return moments, n_seen
+    return moments, hidden
 
 
 def _decoder_layers(model, n_layers: int):
@@ -263,9 +276,25 @@ def head_logits(model, weight=None):
     return logits
 
 
+def backward_through_head(hidden, loss, chunk: int = HEAD_CHUNK) -> float:
+    """Backpropagate sum over slices of loss(hidden[a:b], a, b) (a scalar per slice of `chunk` positions) into the
+    graph that made `hidden` (T, d): each slice's logits are made, differentiated and dropped before the next, so
+    never (T, vocab) at once and nothing computed twice; the layers below run backward once. Returns the sum."""
+    import torch
+
+    leaf = hidden.detach().requires_grad_()
+    total = 0.0
+    for a in range(0, len(leaf), chunk):
+        part = loss(leaf[a:a + chunk], a, min(a + chunk, len(leaf)))
+        part.backward()
+        total += float(part.detach())
+        del part
+    torch.autograd.backward(hidden, leaf.grad)
+    return total
+
+
 def _fisher(model, rules, windows, cfg: ModelConfig, started, log) -> dict[str, float]:
     import torch
-    from torch.utils.checkpoint import checkpoint
 
     from occrt.converters.architectures import hf_mapper
 
@@ -295,12 +324,8 @@ def _fisher(model, rules, windows, cfg: ModelConfig, started, log) -> dict[str, 
             for k, window in enumerate(windows):
                 ids = torch.tensor([window])
                 hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-                targets = ids[0, 1:]
-                # the logits (positions x vocabulary) are made and dropped a slice at a time, forward and backward
-                nll = sum(checkpoint(head_nll, hidden[a:a + HEAD_CHUNK], targets[a:a + HEAD_CHUNK],
-                                     use_reentrant=False) for a in range(0, len(targets), HEAD_CHUNK))
-                nll.backward()
-                del hidden, nll
+                backward_through_head(hidden, lambda h, a, b: head_nll(h, ids[0, 1 + a:1 + b]))
+                del hidden
                 log(f"calibration: gradients, window {k + 1}/{len(windows)} ({time.monotonic() - started:.0f} s)")
     finally:
         for h in handles:

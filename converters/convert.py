@@ -102,10 +102,9 @@ def checked_pass(source: Source, expected: dict[str, tuple[int, ...]], desc: str
             bar.done(n_weights, n_bytes)
 
 
-def prepare(source: Source, options: ConvertOptions, policy: Policy, log, progress: bool) -> str:
-    """What comes before writing: calibration (--calib) and the rate control's measure pass (--bpw); returns the
-    calibration text ("" without --calib)."""
-    text = ""
+def prepare(source: Source, options: ConvertOptions, policy: Policy, log, progress: bool) -> None:
+    """What comes before writing: calibration (--calib; its statistics go to the policy) and the rate control's
+    measure pass (--bpw)."""
     expected = tensor_shapes(source.config)
     if options.calib is not None:
         from occrt.converters.calibrate import calibrate
@@ -127,7 +126,6 @@ def prepare(source: Source, options: ConvertOptions, policy: Policy, log, progre
         policy.finalize()
         log(f"rate control: {len(policy.chosen)} tensors measured and allocated in "
             f"{time.monotonic() - started:.1f} s")
-    return text
 
 
 def file_metadata(source: Source, options: ConvertOptions, policy: Policy) -> dict[str, Any]:
@@ -150,7 +148,7 @@ def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, lo
     if not source.tokenizer.chat_template:
         log("note: the source has no chat template: the .occ file continues plain prompts, and chat "
             "(occrt generate without --prompt, /v1/chat/completions) will refuse")
-    text = prepare(source, options, policy, log, progress)
+    prepare(source, options, policy, log, progress)
     seen: set[str] = set()
     n_params = 0
     linear_bits = linear_params = 0
@@ -158,7 +156,7 @@ def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, lo
         w.add_blob("tokenizer.json", source.tokenizer.tokenizer_json)
         for key, value in file_metadata(source, options, policy).items():
             w.set_metadata(key, value)
-        tuned = _tuned_records(source, expected, policy, options, text, log) if options.tune_steps else None
+        tuned = _tuned_records(source, expected, policy, options, log) if options.tune_steps else None
         log(f"writing {out}: {len(expected)} tensors")
         for t in checked_pass(source, expected, "encode", progress=progress):
             enc = policy.encode(t) if tuned is None else tuned.pop(t.name)
@@ -186,15 +184,20 @@ def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, lo
 
 
 def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy: Policy, options: ConvertOptions,
-                   text: str, log) -> dict[str, Any]:
+                   log) -> dict[str, Any]:
     """--tune-steps: code every tensor first (records held in memory: the compressed model), then fit the linear
     layers' step multipliers by distillation from the source (converters/finetune.py)."""
-    from occrt.converters.calibrate import calibration_model, calibration_windows
+    from occrt.converters.calibrate import calibration_model
     from occrt.converters.finetune import decode_record, tune_scales
     from occrt.converters.policy import EMBEDDINGS
 
     started = time.monotonic()
-    teacher, _ = calibration_model(source)
+    calibration = policy.calibration
+    if calibration is None or not calibration.hidden:
+        raise ConversionError("--tune-steps needs the calibration's statistics (--calib)")
+    # the source model's side of the distillation is the calibration's hidden states: the teacher's linear
+    # weights are never needed, so they are not read (the codes stand in for them)
+    teacher, _ = calibration_model(source, linear_weights=False)
     params = dict(teacher.named_parameters())
     records: dict[str, Any] = {}
     for t in _checked_tensors(source, expected):
@@ -205,8 +208,8 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
         raise ConversionError(f"--tune-steps: the torch model of a {source.config.architecture} model has no "
                               f"parameter {unknown[0]!r}")
     fixed = {n: decode_record(e) for n, e in records.items() if n in EMBEDDINGS and n in params}
-    windows = calibration_windows(source, text, n_tokens=options.calib_tokens, ctx=512)
-    linear = tune_scales(teacher, linear, fixed, windows, steps=options.tune_steps, log=log)
+    linear = tune_scales(teacher, linear, fixed, calibration.windows, teacher_hidden=calibration.hidden,
+                         steps=options.tune_steps, log=log)
     records.update(linear)
     log(f"tuning: {len(linear)} tensors in {time.monotonic() - started:.1f} s")
     return records

@@ -41,6 +41,26 @@ def _side(enc: Encoded) -> bytes:
     return bytes(enc.payload[0])
 
 
+class _Rotation:
+    """One input rotation Q of the student. q, k and v (gate and up) read the same activation one after the other and
+    share their rotation's seed (converters/policy.py), so Q x is computed once for them: `last` (shared by all the
+    rotations of a student) remembers the latest (rotation, x, Q x). One slot only, keyed by the tensor object it
+    holds (a new activation is never taken for the old one), and emptied after each forward and backward
+    (`Student.forget`): a cached activation keeps its layer's autograd graph alive."""
+
+    def __init__(self, hadamard, last: list):
+        self.hadamard = hadamard
+        self.last = last  # [rotation, x, Q x] or []
+
+    def rotate(self, x):
+        if not (self.last and self.last[0] is self and self.last[1] is x):
+            self.last[:] = [self, x, self.hadamard.rotate(x)]
+        return self.last[2]
+
+    def unrotate(self, y):
+        return self.hadamard.unrotate(y)
+
+
 class _CodedLinear:
     """One ecsq record opened for tuning, computing its layer's output from the compact form, as the runtime does
     (occrt/model/decoder_torch.py): x_r = Q_in x, y = Q_outᵀ(((x_r ⊙ b) (Δ·C)ᵀ) ⊙ a + (x_r Vᵀ) Uᵀ) + bias, with
@@ -76,7 +96,9 @@ class _CodedLinear:
             if spec_json is None:
                 return None
             spec = RotationSpec.from_json(spec_json)
-            return hadamards.setdefault(spec, TorchHadamard(spec))
+            if spec not in hadamards:
+                hadamards[spec] = _Rotation(TorchHadamard(spec), hadamards.setdefault("last", []))
+            return hadamards[spec]
 
         self.q_in, self.q_out = hadamard(params["rot_in"]), hadamard(params["rot_out"])
         self.log_a = torch.zeros(n_out, requires_grad=True)
@@ -86,8 +108,8 @@ class _CodedLinear:
         import torch
 
         x_r = x if self.q_in is None else self.q_in.rotate(x)
-        y = (x_r * (self.b0 * torch.exp(self.log_b))) @ (self.codes.to(torch.float32) * self.step).T
-        y = y * (self.a0 * torch.exp(self.log_a))
+        y = (x_r * (self.b0 * torch.exp(self.log_b))) @ self.codes.to(torch.float32).T
+        y = y * (self.a0 * (self.step * torch.exp(self.log_a)))
         if self.u is not None:
             y = y + (x_r @ self.v.T) @ self.u.T
         if self.q_out is not None:
@@ -118,8 +140,8 @@ class Student:
 
         self.model = teacher
         self.on = False
-        hadamards: dict = {}
-        self.coded = {name: _CodedLinear(enc, hadamards, torch) for name, enc in records.items()
+        self._rotations: dict = {"last": []}  # spec -> _Rotation, and their shared slot
+        self.coded = {name: _CodedLinear(enc, self._rotations, torch) for name, enc in records.items()
                       if enc.codec == EcsqCodec.id}
         self._modules = [(teacher.get_submodule(name.rsplit(".", 1)[0]), c) for name, c in self.coded.items()]
         self._swaps = []  # (module, attribute, source parameter, coded tensor)
@@ -144,6 +166,7 @@ class Student:
 
     def __exit__(self, *exc) -> None:
         self.set(False)
+        self.forget()
         for module, _ in self._modules:
             del module.forward  # back to the class's method
 
@@ -153,28 +176,37 @@ class Student:
         for module, attr, original, coded in self._swaps:
             module._parameters[attr] = coded if on else original
 
+    def forget(self) -> None:
+        """Drop the rotated activation the student remembers (call after each forward and backward)."""
+        self._rotations["last"].clear()
+
     def parameters(self) -> list:
         return [c.log_a for c in self.coded.values()] + [c.log_b for c in self.coded.values()]
 
     def hidden(self, ids):
         """Last hidden states (T, d) of the model currently switched on."""
-        return self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+        try:
+            return self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+        finally:
+            self.forget()
 
 
 def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarray], windows: list[list[int]], *,
-                steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
+                teacher_hidden: list[np.ndarray] | None = None, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
                 log: Callable[[str], None] = lambda msg: None) -> dict[str, Encoded]:
     """Fit the multipliers of `records` (ecsq, name -> record, HF parameter names of `teacher`) so the coded model's
     next-token distributions follow `teacher`'s on `windows`.
 
     `fixed`: the other coded tensors as the decoder rebuilds them (e.g. the embedding), substituted as constants.
     Returns the tuned records. `teacher` is a torch module in float32 whose parameters are the source's.
-    Memory: the teacher, the codes as small integers, the source model's last hidden states per window, the layers'
-    inputs (checkpointed layers) and a slice of logits at a time (converters/calibrate.py's helpers)."""
+    `teacher_hidden`: the source model's last hidden states (T, d) per window where the caller has them (the
+    calibration's second-moment pass does); then the teacher's coded linear weights are never used and may be left
+    on the meta device (converters/calibrate.calibration_model). Otherwise they are computed here, once per window.
+    Memory: the teacher's other tensors, the codes as small integers, the hidden states, the layers' inputs
+    (checkpointed layers) and one slice of logits at a time (converters/calibrate.py's helpers)."""
     import torch
-    from torch.utils.checkpoint import checkpoint
 
-    from occrt.converters.calibrate import HEAD_CHUNK, checkpointed_layers, head_logits
+    from occrt.converters.calibrate import backward_through_head, checkpointed_layers, head_logits
 
     if steps <= 0 or not windows:
         return records
@@ -183,6 +215,11 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
         p.requires_grad_(False)
     head = head_logits(teacher)  # the model's head as switched (the coded embedding when the student is on)
     teacher_head = head_logits(teacher, weight=teacher.get_output_embeddings().weight)  # always the source's
+    targets: dict[int, object] = {}  # window -> the source model's last hidden states (T, d): a few MB for all
+    if teacher_hidden is not None:
+        if len(teacher_hidden) != len(windows):
+            raise ValueError(f"{len(teacher_hidden)} teacher hidden states for {len(windows)} windows")
+        targets = {k: torch.from_numpy(np.asarray(h, dtype=np.float32)) for k, h in enumerate(teacher_hidden)}
 
     def kl_slice(hidden, hidden_teacher):  # sum over the slice's positions of KL(teacher ‖ student)
         with torch.no_grad():  # the teacher's log-probabilities a slice at a time: never (T, vocab) at once
@@ -194,25 +231,22 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
     with Student(teacher, records, fixed) as student, \
             checkpointed_layers(teacher, teacher.config.num_hidden_layers):
         optimizer = torch.optim.Adam(student.parameters(), lr=lr)
-        teacher_hidden: dict[int, object] = {}  # window -> the source model's last hidden states (T, d): computed
-        # once, since a window comes back every len(windows) steps (a few MB for all windows)
         for step in range(steps):
             k = step % len(windows)
             ids = torch.tensor([windows[k]])
-            if k not in teacher_hidden:
+            if k not in targets:
                 with torch.no_grad():
                     student.set(False)
-                    teacher_hidden[k] = student.hidden(ids)
-            hidden_teacher = teacher_hidden[k]
+                    targets[k] = student.hidden(ids)
+            hidden_teacher = targets[k]
             student.set(True)
-            hidden = student.hidden(ids)
-            kl = sum(checkpoint(kl_slice, hidden[a:a + HEAD_CHUNK], hidden_teacher[a:a + HEAD_CHUNK],
-                                use_reentrant=False) for a in range(0, len(hidden), HEAD_CHUNK)) / len(hidden)
             optimizer.zero_grad(set_to_none=True)
-            kl.backward()
+            hidden = student.hidden(ids)
+            n = len(hidden)
+            value = backward_through_head(hidden, lambda h, a, b: kl_slice(h, hidden_teacher[a:b]) / n)
+            student.forget()  # the checkpointed layers' recomputation rotated again
             optimizer.step()
             del hidden
-            value = float(kl.detach())
             first = value if first is None else first
             last = value
             log(f"tuning: step {step + 1}/{steps}, KL {value:.4f} nats/token ({time.monotonic() - started:.0f} s)")

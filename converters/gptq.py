@@ -29,9 +29,14 @@ def cholesky_inverse_upper(h: np.ndarray, *, damp: float) -> np.ndarray:
     h[:, dead] = 0
     mean = float(diag[~dead].mean()) if (~dead).any() else 1.0
     h[np.diag_indices(n)] = np.where(dead, mean, diag) + damp * mean
-    inv = np.linalg.inv(h)
-    inv = (inv + inv.T) / 2
-    return np.linalg.cholesky(inv).T  # upper: (Lᵀ) where H⁻¹ = L Lᵀ
+    # Without forming H⁻¹: with J the order reversal, chol(J H J) = L gives H = M Mᵀ for the upper M = J L J, so
+    # H⁻¹ = (M⁻¹)ᵀ M⁻¹ and U = M⁻¹ = J L⁻¹ J (one Cholesky factorization and one triangular solve, in torch, which
+    # conversion with calibration has loaded and which uses every core).
+    import torch
+
+    lower = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(h[::-1, ::-1])))
+    inverse = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False)
+    return np.ascontiguousarray(inverse.numpy()[::-1, ::-1])
 
 
 @njit(parallel=True, cache=True)

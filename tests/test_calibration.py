@@ -21,6 +21,21 @@ def calib_file(tmp_path_factory):
     return str(path)
 
 
+def test_the_feedback_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    rng = np.random.default_rng(1)
+    n = 40
+    x = rng.standard_normal((80, n)) @ np.diag(np.logspace(0, 3, n))  # condition number ~1e6
+    h = x.T @ x / 80
+    h[3], h[:, 3] = 0, 0  # an input that never fires gets a unit diagonal (the mean, damped)
+    u = cholesky_inverse_upper(h, damp=0.1)
+    damped = h.copy()
+    diag = np.diag(h).copy()
+    mean = diag[diag > 0].mean()
+    damped[np.diag_indices(n)] = np.where(diag > 0, diag, mean) + 0.1 * mean
+    assert np.array_equal(u, np.triu(u)) and (np.diag(u) > 0).all()
+    np.testing.assert_allclose(u.T @ u @ damped, np.eye(n), atol=1e-9)
+
+
 def test_feedback_kernel_matches_reference():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((500, 24)) @ rng.standard_normal((24, 24))
