@@ -12,7 +12,9 @@ U, V and the rotations fixed, W is differentiable in a and b, so we fit
     min over log a, log b (every coded linear layer):
         mean over calibration tokens of KL(p_source(· | context) ‖ p_coded(· | context))
 
-with Adam, the source model (float32, torch) as the teacher on the same windows. The codes' ANS streams are reused
+with Adam, the source model as the teacher on the calibration's windows: its last hidden states come from the
+calibration's forward pass (converters/calibrate.py), so only its head is evaluated here and its linear weights are
+never loaded for the tuning. The codes' ANS streams are reused
 byte for byte: the rate does not move (a and b are side data the rate control already counted, because frames are
 built with unit multipliers when tuning is on), only the decoder's dequantization changes. The norm gains stay as the
 source has them: tuning them too (they are stored raw, so it would cost no bits) fitted the calibration text and hurt

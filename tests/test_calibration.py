@@ -154,7 +154,7 @@ def _plain_statistics(source, windows):
 
     model, rules = calibration_model(source)
     mapper = hf_mapper(source.config)
-    sums, n_tokens, fisher = {}, 0, {p: 0.0 for r in rules for p in r.parts}
+    sums, n_tokens, fisher, handles = {}, 0, {p: 0.0 for r in rules for p in r.parts}, []
     for rule in rules:
         m = _LINEAR.fullmatch(rule.parts[0])
         key = f"{m.group(1)}.{_SPACE[m.group(2)]}"
@@ -162,8 +162,8 @@ def _plain_statistics(source, windows):
             continue  # q, k and v (gate and up) read one input: one hook per input space
         sums[key] = 0
         module = model.get_submodule(rule.source.rsplit(".", 1)[0])
-        module.register_forward_hook(lambda mod, args, out, key=key: sums.__setitem__(
-            key, sums.get(key, 0) + (lambda x: x.T @ x)(args[0].detach().reshape(-1, args[0].shape[-1]).double())))
+        handles += [module.register_forward_hook(lambda mod, args, out, key=key: sums.__setitem__(
+            key, sums.get(key, 0) + (lambda x: x.T @ x)(args[0].detach().reshape(-1, args[0].shape[-1]).double())))]
     for window in windows:
         ids = torch.tensor([window])
         model.zero_grad(set_to_none=True)
@@ -173,7 +173,11 @@ def _plain_statistics(source, windows):
             for part, piece in zip(rule.parts, mapper.split(rule, g2)):
                 fisher[part] += float(piece.mean()) / len(windows)
         n_tokens += len(window)
-    return {k: (v / n_tokens).numpy() for k, v in sums.items()}, fisher
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        hidden = [model.base_model(input_ids=torch.tensor([w])).last_hidden_state[0].numpy() for w in windows]
+    return {k: (v / n_tokens).numpy() for k, v in sums.items()}, fisher, hidden
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "gemma2"])
@@ -196,8 +200,13 @@ def test_bounded_memory_statistics_equal_the_plain_ones(family, tmp_path):
         src = make_family_dir(tmp_path / family, family, seed=3)
     source = open_source(src)
     cal = calibrate(source, TEXT, n_tokens=300, ctx=64)  # 5 windows of 65 and a short one: two batch shapes
-    hessians, fisher = _plain_statistics(source, calibration_windows(source, TEXT, n_tokens=300, ctx=64))
+    windows = calibration_windows(source, TEXT, n_tokens=300, ctx=64)
+    hessians, fisher, hidden = _plain_statistics(source, windows)
     assert set(cal.hessians) == set(hessians) and set(cal.fisher) == set(fisher)
+    # the source model's last hidden states per window (the tuning's teacher side), from the batched forward
+    assert cal.windows == windows and len(cal.hidden) == len(hidden)
+    for got, want in zip(cal.hidden, hidden):
+        assert got.dtype == np.float32 and np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     for key, h in hessians.items():
         assert np.allclose(cal.hessians[key], h, rtol=1e-4, atol=1e-5 * np.abs(h).max()), key
     for name, f in fisher.items():
@@ -263,3 +272,44 @@ def test_tuning_is_on_by_default_with_calibration_where_supported(tiny_llama_dir
     for name in ("phi3", "gpt2"):
         cfg = open_source(make_family_dir(tmp_path / name, name)).config
         assert ConvertOptions(bpw=3.0, calib="c.txt").for_source(cfg).tune_steps == 0
+
+
+def test_the_head_backward_in_slices_equals_the_whole_backward():
+    """backward_through_head: the slices' losses differentiated one at a time into the hidden states, then the layers
+    below once, give the gradients (and the loss) of the whole computation."""
+    import torch
+
+    from occrt.converters.calibrate import backward_through_head
+
+    torch.manual_seed(0)
+    layer, head = torch.nn.Linear(8, 8), torch.randn(50, 8)
+    x, targets = torch.randn(37, 8), torch.randint(0, 50, (37,))
+
+    def loss(h, a, b):
+        return torch.nn.functional.cross_entropy(h @ head.T, targets[a:b], reduction="sum")
+
+    total = backward_through_head(layer(x), loss, chunk=10)  # slices of 10, 10, 10 and 7 positions
+    sliced = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    whole = loss(layer(x), 0, 37)
+    whole.backward()
+    assert total == pytest.approx(float(whole.detach()), rel=1e-5)
+    for got, p in zip(sliced, layer.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_tuning_teacher_leaves_the_linear_weights_unread(tmp_path):
+    """calibration_model(linear_weights=False): the coded layers' weights stay on the meta device (no memory), every
+    other tensor is the source's."""
+    from occrt.converters.calibrate import calibration_model
+
+    source = open_source(make_llama_dir(tmp_path / "m"))
+    full, rules = calibration_model(source)
+    lean, _ = calibration_model(source, linear_weights=False)
+    linear = {r.source for r in rules}
+    for name, p in lean.named_parameters():
+        if name in linear:
+            assert p.is_meta, name
+        else:
+            assert not p.is_meta and np.array_equal(p.detach().numpy(), full.get_parameter(name).detach().numpy()), name
+    assert linear and all(n in dict(lean.named_parameters()) for n in linear)
