@@ -194,16 +194,15 @@ class Student:
 
 
 def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarray], windows: list[list[int]], *,
-                teacher_hidden: list[np.ndarray] | None = None, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
+                teacher_hidden: list[np.ndarray], steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
                 log: Callable[[str], None] = lambda msg: None) -> dict[str, Encoded]:
     """Fit the multipliers of `records` (ecsq, name -> record, HF parameter names of `teacher`) so the coded model's
     next-token distributions follow `teacher`'s on `windows`.
 
     `fixed`: the other coded tensors as the decoder rebuilds them (e.g. the embedding), substituted as constants.
-    Returns the tuned records. `teacher` is a torch module in float32 whose parameters are the source's.
-    `teacher_hidden`: the source model's last hidden states (T, d) per window where the caller has them (the
-    calibration's second-moment pass does); then the teacher's coded linear weights are never used and may be left
-    on the meta device (converters/calibrate.calibration_model). Otherwise they are computed here, once per window.
+    Returns the tuned records. `teacher` is the source's torch model (float32); its coded linear weights are never
+    used and may be left on the meta device (converters/calibrate.calibration_model), since `teacher_hidden` holds
+    the source model's last hidden states (T, d) per window (the calibration's second-moment pass computes them).
     Memory: the teacher's other tensors, the codes as small integers, the hidden states, the layers' inputs
     (checkpointed layers) and one slice of logits at a time (converters/calibrate.py's helpers)."""
     import torch
@@ -217,11 +216,9 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
         p.requires_grad_(False)
     head = head_logits(teacher)  # the model's head as switched (the coded embedding when the student is on)
     teacher_head = head_logits(teacher, weight=teacher.get_output_embeddings().weight)  # always the source's
-    targets: dict[int, object] = {}  # window -> the source model's last hidden states (T, d): a few MB for all
-    if teacher_hidden is not None:
-        if len(teacher_hidden) != len(windows):
-            raise ValueError(f"{len(teacher_hidden)} teacher hidden states for {len(windows)} windows")
-        targets = {k: torch.from_numpy(np.asarray(h, dtype=np.float32)) for k, h in enumerate(teacher_hidden)}
+    if len(teacher_hidden) != len(windows):
+        raise ValueError(f"{len(teacher_hidden)} teacher hidden states for {len(windows)} windows")
+    targets = [torch.from_numpy(np.asarray(h, dtype=np.float32)) for h in teacher_hidden]  # a few MB for all
 
     def kl_slice(hidden, hidden_teacher):  # sum over the slice's positions of KL(teacher ‖ student)
         with torch.no_grad():  # the teacher's log-probabilities a slice at a time: never (T, vocab) at once
@@ -233,15 +230,11 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
     with Student(teacher, records, fixed) as student, \
             checkpointed_layers(teacher, teacher.config.num_hidden_layers):
         optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+        student.set(True)
         for step in range(steps):
             k = step % len(windows)
             ids = torch.tensor([windows[k]])
-            if k not in targets:
-                with torch.no_grad():
-                    student.set(False)
-                    targets[k] = student.hidden(ids)
             hidden_teacher = targets[k]
-            student.set(True)
             optimizer.zero_grad(set_to_none=True)
             hidden = student.hidden(ids)
             n = len(hidden)
