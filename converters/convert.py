@@ -107,15 +107,17 @@ def prepare(source: Source, options: ConvertOptions, policy: Policy, log, progre
     measure pass (--bpw)."""
     expected = tensor_shapes(source.config)
     if options.calib is not None:
-        from occrt.converters.calibrate import calibrate
+        from occrt.converters.calibrate import SELF, calibrate
 
-        try:
-            with open(options.calib, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConversionError(f"--calib {options.calib}: {e}") from None
+        text = None  # --calib self: windows sampled from the source model
+        if options.calib != SELF:
+            try:
+                with open(options.calib, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConversionError(f"--calib {options.calib}: {e}") from None
         started = time.monotonic()
-        calibration = calibrate(source, text, n_tokens=options.calib_tokens, log=log)
+        calibration = calibrate(source, text, n_tokens=options.calib_tokens, seed=options.seed, log=log)
         policy.use_calibration(calibration)
         log(f"calibration: {calibration.tokens} tokens in {time.monotonic() - started:.1f} s")
     if policy.two_pass:

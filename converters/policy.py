@@ -8,7 +8,8 @@
                        6); norms and biases raw float32
     --calib FILE       (with --bpw) inputs rotated by default; each tensor's distortion weighted by its loss
                        sensitivity (Fisher); codes rounded with error feedback under the inputs' second moments
-                       (converters/calibrate.py, converters/gptq.py)
+                       (converters/calibrate.py, converters/gptq.py); --calib self: the same on text the source
+                       model samples itself (no calibration data)
     --tune-steps N     (with --calib; default 32 where the family allows it, 0: off) linear layers carry per-row
                        and per-column step multipliers, fitted after coding by distillation from the source model
                        (converters/finetune.py)
@@ -63,7 +64,7 @@ class CodingOptions:
     rotate: str | None = None  # sides of each linear weight rotated; None: "in" with calibration, else "none"
     ranks: tuple[int, ...] = (0,)  # structural ranks offered to the rate control per tensor
     embed_bpw: float = 6.0  # bits per weight of the embedding and output head under --bpw
-    seed: int = 0  # rotation seeds derive from this
+    seed: int = 0  # rotation seeds derive from this, and --calib self's samples
     calib: str | None = None  # calibration text file: error-feedback rounding and sensitivity-weighted allocation
     calib_tokens: int = DEFAULT_TOKENS
     # with calib: steps of end-to-end tuning of the step multipliers (converters/finetune.py); None: the default,

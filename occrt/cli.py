@@ -293,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 'in' with --calib, else 'none': what measured best on SmolLM2)")
     c.add_argument("--calib", metavar="FILE", default=None,
                    help="with --bpw: calibration text; rounds with error feedback and weights the bit allocation "
-                        "by each tensor's loss sensitivity")
+                        "by each tensor's loss sensitivity. 'self': text sampled from the source model itself "
+                        "(no calibration data needed; a file named self: ./self)")
     c.add_argument("--calib-tokens", type=_positive_int, default=8192,
-                   help="tokens of the calibration text to use (default: 8192)")
+                   help="tokens of the calibration text to use, or to sample with --calib self (default: 8192)")
     c.add_argument("--tune-steps", type=_non_negative_int, default=None,
                    help="with --calib: steps of end-to-end tuning of the step multipliers by distillation from the "
                         "source model (default: 32 with --calib for Llama, Mistral, Qwen and Gemma models, which "
@@ -305,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 0)")
     c.add_argument("--embed-bpw", type=_positive_float, default=6.0,
                    help="with --bpw: bits per weight of the embedding and output head (default: 6)")
-    c.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the rotations (default: 0)")
+    c.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of the rotations and of --calib self's samples (default: 0)")
     c.set_defaults(run=_convert)
 
     g = sub.add_parser("generate", help="generate text (with --prompt) or chat (without)")

@@ -313,3 +313,65 @@ def test_the_tuning_teacher_leaves_the_linear_weights_unread(tmp_path):
         else:
             assert not p.is_meta and np.array_equal(p.detach().numpy(), full.get_parameter(name).detach().numpy()), name
     assert linear and all(n in dict(lean.named_parameters()) for n in linear)
+
+
+def _family_source(family, tmp_path):
+    if family == "llama":
+        return open_source(make_llama_dir(tmp_path / family))
+    if family == "gemma2":
+        from tests.test_gemma import make_gemma_dir
+
+        return open_source(make_gemma_dir(tmp_path / family, family))
+    from tests.test_families import make_family_dir
+
+    return open_source(make_family_dir(tmp_path / family, family, seed=3))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_self_sampled_windows_are_the_models_own_draws(family, tmp_path, monkeypatch):
+    """--calib self: windows of BOS + ctx tokens, drawn with a key/value cache and several windows at a time, are the
+    draws a plain sampler makes (whole prefix recomputed each step, same generator): the cache and the batching
+    change nothing; the same seed gives the same windows, another seed others."""
+    import torch
+
+    from occrt.converters import calibrate as cal
+    from occrt.converters.calibrate import calibration_model, sampled_windows
+
+    source = _family_source(family, tmp_path)
+    model, _ = calibration_model(source)
+    start = source.tokenizer.bos_token_id
+    if start is None:
+        start = source.tokenizer.eos_token_id
+    ctx = 24
+    per_window = 2 * 4 * source.config.num_hidden_layers * source.config.num_key_value_heads * \
+        source.config.head_dim * (ctx + 1)
+    monkeypatch.setattr(cal, "_SAMPLE_CACHE_BYTES", 2 * per_window)  # 5 windows: batches of 2, 2 and 1
+    windows = sampled_windows(model, source, n_tokens=100, ctx=ctx, seed=7)
+    assert len(windows) == 5 and all(len(w) == ctx + 1 and w[0] == start for w in windows)
+
+    gen = torch.Generator().manual_seed(7)
+    plain = []
+    with torch.no_grad():
+        for size in (2, 2, 1):
+            ids = torch.full((size, 1), start, dtype=torch.long)
+            for _ in range(ctx):
+                probs = torch.softmax(model(input_ids=ids, use_cache=False).logits[:, -1].double(), dim=-1)
+                ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
+            plain += ids.tolist()
+    assert windows == plain
+    assert sampled_windows(model, source, n_tokens=100, ctx=ctx, seed=7) == windows
+    assert sampled_windows(model, source, n_tokens=100, ctx=ctx, seed=8) != windows
+
+
+def test_calib_self_needs_no_text_and_helps(tiny_llama_dir, tmp_path):
+    """`--calib self` converts from windows the source model samples (no file read) and, like a calibration text,
+    brings the coded model closer to the source than the data-free conversion at the same rate."""
+    ref = hf_logits(tiny_llama_dir, IDS)
+    errs = {}
+    for label, extra in (("plain", {}), ("self", {"calib": "self", "calib_tokens": 512, "tune_steps": 0})):
+        out = str(tmp_path / f"{label}.occ")
+        summary = convert(tiny_llama_dir, out, ConvertOptions(bpw=3.0, rotate="in", **extra), log=lambda m: None)
+        assert abs(summary["linear_bpw"] / 3.0 - 1) < 0.02
+        m = occrt.load(out)
+        errs[label] = float(np.linalg.norm(m.forward(np.asarray(IDS), m.new_cache(16), all_logits=True) - ref))
+    assert errs["self"] < errs["plain"], errs
