@@ -101,3 +101,12 @@ def smollm2_gguf() -> str:
     from occrt.converters.fetch import fetch
 
     return fetch("smollm2-135m-instruct", quiet=True)
+
+
+def sigint_default() -> None:
+    """`preexec_fn` of a child a test sends SIGINT to: the signal's default disposition, which Python turns into
+    KeyboardInterrupt, even when pytest itself runs with SIGINT ignored (started in the background by a
+    non-interactive shell, whose children inherit the ignored signal)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -22,6 +22,7 @@ import pytest
 
 from occrt.format import OccFile
 from occrt.format.writer import STALE_SECONDS, OccWriter, remove_stale_temporaries
+from tests.conftest import sigint_default
 
 SEED = int(os.environ.get("OCCRT_KILL_SEED", "0"))
 ITERATIONS = int(os.environ.get("OCCRT_KILL_ITERATIONS", "4"))
@@ -48,7 +49,8 @@ def _kill_once(src: str, out: Path, sig: int, after_spool: bool, delay: float) -
     """Start a conversion, send `sig` after `delay` seconds (counted from the spool's appearance if `after_spool`).
     Returns (whether the signal arrived before the process ended, its exit status)."""
     earlier = set(_temporaries(out))  # an earlier SIGKILL's leftovers: not this writer's spool
-    proc = subprocess.Popen(_convert_cmd(src, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_convert_cmd(src, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=sigint_default)
     try:
         start = time.monotonic()
         if after_spool:
@@ -174,7 +176,7 @@ def test_ctrl_c_in_each_phase_leaves_nothing(medium_llama_dir, tmp_path, phase):
     scratch = tmp_path / "tmp"  # the child's temporary directory (calibration spills its statistics there)
     scratch.mkdir()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TMPDIR": str(scratch)})
+                            env={**os.environ, "TMPDIR": str(scratch)}, preexec_fn=sigint_default)
     try:
         seen = []
         for line in proc.stderr:

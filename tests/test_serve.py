@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from tests.conftest import sigint_default
+
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
@@ -341,7 +343,7 @@ def test_a_client_that_leaves_stops_its_generation(gated, stream):
 def test_occrt_serve_command(tiny_occ):
     env = {**os.environ, "OCCRT_API_KEY": "k1"}
     proc = subprocess.Popen([sys.executable, "-m", "occrt", "serve", tiny_occ, "--port", "0", "--quiet"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=sigint_default)
     try:
         line = proc.stderr.readline()
         m = re.search(r"serving 'tiny' at http://127\.0\.0\.1:(\d+)/v1", line)
