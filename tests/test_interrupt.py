@@ -45,6 +45,22 @@ def _temporaries(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.*.tmp"))
 
 
+def _durations(src: str, out: Path) -> tuple[float, float]:
+    """One conversion left alone: seconds from start to exit, and from the spool's appearance to exit (at least
+    WRITING_WINDOW / 4, so a fast machine still gets a spread of delays)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(_convert_cmd(src, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spool = None
+    while proc.poll() is None:
+        if spool is None and _temporaries(out):
+            spool = time.monotonic()
+        time.sleep(0.0005)
+    end = time.monotonic()
+    assert proc.returncode == 0 and out.exists()
+    out.unlink()
+    return end - start, max(end - (spool or start), WRITING_WINDOW / 4)
+
+
 def _kill_once(src: str, out: Path, sig: int, after_spool: bool, delay: float) -> tuple[bool, int]:
     """Start a conversion, send `sig` after `delay` seconds (counted from the spool's appearance if `after_spool`).
     Returns (whether the signal arrived before the process ended, its exit status)."""
@@ -72,9 +88,10 @@ def test_killing_convert_never_leaves_an_output(medium_llama_dir, tmp_path):
     rng = random.Random(SEED)
     out = tmp_path / "out.occ"
     plans = itertools.cycle(itertools.product((signal.SIGKILL, signal.SIGINT), (True, False)))
+    whole, writing = _durations(medium_llama_dir, tmp_path / "timed.occ")  # delays inside them, on this machine
     log = []
     for _, (sig, after_spool) in zip(range(ITERATIONS), plans):
-        delay = rng.uniform(0, WRITING_WINDOW) if after_spool else rng.uniform(0, 3.0)
+        delay = rng.uniform(0, 0.8 * writing) if after_spool else rng.uniform(0, 0.8 * whole)
         left_before = set(_temporaries(out))  # an earlier SIGKILL's, not yet stale
         delivered, status = _kill_once(medium_llama_dir, out, sig, after_spool, delay)
         log.append((sig.name, "writing" if after_spool else "any time", round(delay, 3), delivered, status))
