@@ -74,6 +74,20 @@ def calibration_windows(source: Source, text: str, *, n_tokens: int, ctx: int) -
     return [([bos] if bos is not None else []) + ids[s:s + ctx] for s in range(0, len(ids), ctx)]
 
 
+def sample_start(source: Source) -> int:
+    """The token every sampled window starts from: BOS, or EOS where the tokenizer has no BOS."""
+    tok = source.tokenizer
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if start is None:
+        raise ConversionError("--calib self: the tokenizer has neither a BOS nor an EOS token to start samples from")
+    return start
+
+
+def window_cache_bytes(cfg: ModelConfig, ctx: int) -> int:
+    """Bytes of float32 keys and values one sampled window of `ctx` tokens after its start holds."""
+    return 2 * 4 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (ctx + 1)
+
+
 def sampled_windows(model, source: Source, *, n_tokens: int, ctx: int, seed: int = 0,
                     log: Callable[[str], None] = lambda msg: None) -> list[list[int]]:
     """Calibration windows written by the model itself: each starts at BOS (EOS where the tokenizer has no BOS) and
@@ -83,15 +97,9 @@ def sampled_windows(model, source: Source, *, n_tokens: int, ctx: int, seed: int
     draws come from a torch generator seeded with `seed`, so the same seed gives the same windows on one machine."""
     import torch
 
-    start = source.tokenizer.bos_token_id
-    if start is None:
-        start = source.tokenizer.eos_token_id
-    if start is None:
-        raise ConversionError("--calib self: the tokenizer has neither a BOS nor an EOS token to start samples from")
+    start = sample_start(source)
     n_windows = -(-n_tokens // ctx)
-    cfg = source.config
-    per_window = 2 * 4 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (ctx + 1)  # f32 k and v
-    per_batch = max(1, min(n_windows, _SAMPLE_CACHE_BYTES // per_window))
+    per_batch = max(1, min(n_windows, _SAMPLE_CACHE_BYTES // window_cache_bytes(source.config, ctx)))
     gen = torch.Generator().manual_seed(seed)
     # transformers 5 names the key/value cache `cache`; 4.x `past_key_values`
     cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

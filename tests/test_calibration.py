@@ -335,17 +335,12 @@ def test_self_sampled_windows_are_the_models_own_draws(family, tmp_path, monkeyp
     import torch
 
     from occrt.converters import calibrate as cal
-    from occrt.converters.calibrate import calibration_model, sampled_windows
+    from occrt.converters.calibrate import calibration_model, sample_start, sampled_windows, window_cache_bytes
 
     source = _family_source(family, tmp_path)
     model, _ = calibration_model(source)
-    start = source.tokenizer.bos_token_id
-    if start is None:
-        start = source.tokenizer.eos_token_id
-    ctx = 24
-    per_window = 2 * 4 * source.config.num_hidden_layers * source.config.num_key_value_heads * \
-        source.config.head_dim * (ctx + 1)
-    monkeypatch.setattr(cal, "_SAMPLE_CACHE_BYTES", 2 * per_window)  # 5 windows: batches of 2, 2 and 1
+    start, ctx = sample_start(source), 24
+    monkeypatch.setattr(cal, "_SAMPLE_CACHE_BYTES", 2 * window_cache_bytes(source.config, ctx))  # batches 2, 2, 1
     windows = sampled_windows(model, source, n_tokens=100, ctx=ctx, seed=7)
     assert len(windows) == 5 and all(len(w) == ctx + 1 and w[0] == start for w in windows)
 
