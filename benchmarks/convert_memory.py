@@ -31,10 +31,13 @@ import numpy as np
 # tensor and its float32 copy, the coding frame's residual, the ecsq codes (int32) and the ANS stream; rounded up.
 K = 6
 
-# What `occrt convert` imports on its way (the baseline child imports the same, and compiles the same kernels).
+# What `occrt convert` imports on its way (the baseline child imports the same, and loads the same kernels: the
+# trellis quantizer's numba kernels bring numba's compiler machinery, ~45 MiB whatever the model's size).
 _IMPORTS = ("import occrt.cli, occrt.converters.convert, occrt.converters.hf_dir, occrt.converters.policy, "
             "occrt.converters.ratecontrol, occrt.codecs.ecsq, occrt.codecs.planes, occrt.codecs.ans, "
-            "occrt.format.writer, tokenizers")
+            "occrt.format.writer, tokenizers, numpy; from occrt.codecs import tcq; "
+            "tcq.encode_codes(tcq.trellis_codes(numpy.zeros((2, 2), numpy.float32), 1.0, tcq.parity_table(64, 55)), "
+            "64, 55, chunk_size=64)")
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,9 @@ from occrt.model.config import ModelConfig
 
 DEFAULT_TOKENS = 8192
 SELF = "self"  # `--calib self`: the calibration windows are sampled from the source model (a file named self: ./self)
-# bytes of key/value cache while sampling windows together (--calib self): a step costs nearly the same for one
-# window as for 16 (per-layer overhead dominates), so as many as fit; 16 windows of 512 tokens on SmolLM2
+# bytes of key/value cache while sampling windows together (--calib self): one window a step reads every weight
+# for one token, so as many windows as fit share each read; 16 windows of 512 tokens on SmolLM2 (~0.15 s a step
+# on 2 cores, compute-bound)
 _SAMPLE_CACHE_BYTES = 400 << 20
 # tensor name suffix -> input space suffix (projections reading the same activation share one H)
 _SPACE = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
@@ -109,10 +110,10 @@ def sampled_windows(model, source: Source, *, n_tokens: int, ctx: int, seed: int
         while len(windows) < n_windows:
             batch = min(per_batch, n_windows - len(windows))
             ids = torch.full((batch, 1), start, dtype=torch.long)
-            drawn, cache = [ids], None
-            for _ in range(ctx):
-                out = model(input_ids=drawn[-1], use_cache=True, **{cache_key: cache})
-                cache = getattr(out, cache_key)
+            drawn, cache = [ids], _static_cache(model, batch, ctx + 1)
+            for t in range(ctx):
+                out = model(input_ids=drawn[-1], use_cache=True, cache_position=torch.tensor([t]),
+                            **{cache_key: cache})
                 probs = torch.softmax(out.logits[:, -1].double(), dim=-1)
                 drawn.append(torch.multinomial(probs, 1, generator=gen))
                 del out
@@ -121,6 +122,17 @@ def sampled_windows(model, source: Source, *, n_tokens: int, ctx: int, seed: int
             log(f"calibration: sampled {len(windows)}/{n_windows} windows from the model "
                 f"({time.monotonic() - started:.0f} s)")
     return windows
+
+
+def _static_cache(model, batch: int, length: int):
+    """A key/value cache of `length` positions allocated once (transformers' StaticCache), written in place: a
+    growing cache copies every layer's keys and values at every step, which on SmolLM2 made sampling ~25 % slower
+    (and each copy a fresh mapping to fault in)."""
+    from transformers import StaticCache
+
+    wants = inspect.signature(StaticCache.__init__).parameters
+    kwargs = {"max_batch_size": batch} if "max_batch_size" in wants else {}  # transformers 4.x also asks the batch
+    return StaticCache(config=model.config, max_cache_len=length, **kwargs)
 
 
 def calibration_model(source: Source, *, linear_weights: bool = True):

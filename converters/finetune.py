@@ -2,11 +2,11 @@
 
 Error-feedback rounding (converters/gptq.py) makes each layer as good as its own output error allows, but the errors of
 a few hundred layers compound through the network, and nothing in a per-layer objective sees that. This step looks at
-the whole model once every tensor is coded. An ecsq record (format_spec/occ.md 5.2) rebuilds
+the whole model once every tensor is coded. An ecsq or tcq record (format_spec/occ.md 5.2, 5.4) rebuilds
 
     W = Q_outᵀ · (U·V + Δ · diag(a) · C · diag(b)) · Q_in
 
-where the integer codes C carry almost all the bits and a (n_out,), b (n_in,) are f16 step multipliers. With C, Δ,
+where the integer codes C (tcq: the fine codes K on its trellis, Δ = δ) carry almost all the bits and a (n_out,), b (n_in,) are f16 step multipliers. With C, Δ,
 U, V and the rotations fixed, W is differentiable in a and b, so we fit
 
     min over log a, log b (every coded linear layer):
@@ -30,9 +30,10 @@ from typing import Callable
 
 import numpy as np
 
-from occrt.codecs import ans
 from occrt.codecs.base import Encoded
-from occrt.codecs.ecsq import ECSQ, EcsqCodec, Layout, to_f16
+from occrt.codecs.ecsq import EcsqCodec, Layout, to_f16
+from occrt.codecs.registry import codec_for
+from occrt.codecs.tcq import TcqCodec
 from occrt.codecs.rotation import RotationSpec
 
 DEFAULT_STEPS = 32
@@ -64,7 +65,7 @@ class _Rotation:
 
 
 class _CodedLinear:
-    """One ecsq record opened for tuning, computing its layer's output from the compact form, as the runtime does
+    """One ecsq or tcq record opened for tuning, computing its layer's output from the compact form, as the runtime does
     (occrt/model/decoder_torch.py): x_r = Q_in x, y = Q_outᵀ(((x_r ⊙ b) (Δ·C)ᵀ) ⊙ a + (x_r Vᵀ) Uᵀ) + bias, with
     a = a0·exp(log_a), b = b0·exp(log_b). The codes stay integers (the smallest type that holds them); Δ·C is
     widened to float32 inside the call, so with checkpointed layers no float copy of the model's weights is kept."""
@@ -78,8 +79,8 @@ class _CodedLinear:
         if layout.row_scales is None or layout.col_scales is None:
             raise ValueError("tuning needs records built with row and column multipliers")
         side = np.frombuffer(_side(enc), dtype=np.uint8)
-        block = np.frombuffer(bytes(enc.payload[1]), dtype=np.uint8)
-        codes = ans.decode_symbols(block, n_symbols=n_out * n_in).reshape(n_out, n_in)
+        whole = np.frombuffer(b"".join(bytes(p) for p in enc.payload), dtype=np.uint8)
+        codes = codec_for(enc.codec).fine_codes(whole, layout, (n_out, n_in), params)  # ecsq's C or tcq's K
         peak = int(np.abs(codes).max(initial=0))
         small = np.int8 if peak < 1 << 7 else np.int16 if peak < 1 << 15 else np.int32
         self.codes = torch.from_numpy(codes.astype(small))
@@ -144,7 +145,7 @@ class Student:
         self.on = False
         self._rotations: dict = {"last": []}  # spec -> _Rotation, and their shared slot
         self.coded = {name: _CodedLinear(enc, self._rotations, torch) for name, enc in records.items()
-                      if enc.codec == EcsqCodec.id}
+                      if enc.codec in (EcsqCodec.id, TcqCodec.id)}
         self._modules = [(teacher.get_submodule(name.rsplit(".", 1)[0]), c) for name, c in self.coded.items()]
         self._swaps = []  # (module, attribute, source parameter, coded tensor)
         for name, value in fixed.items():
@@ -269,4 +270,5 @@ def decode_record(enc: Encoded) -> np.ndarray:
     """The tensor a record decodes to (for the constants of the student model)."""
     parts = enc.payload if isinstance(enc.payload, list) else [enc.payload]
     payload = memoryview(b"".join(bytes(p) for p in parts))
-    return ECSQ.decode(payload, version=enc.codec_version, dtype=enc.dtype, shape=enc.shape, params=enc.params)
+    return codec_for(enc.codec).decode(payload, version=enc.codec_version, dtype=enc.dtype, shape=enc.shape,
+                                       params=enc.params)

@@ -24,6 +24,7 @@ import numpy as np
 from occrt.codecs.ecsq import EcsqCodec
 from occrt.codecs.planes import PlanesCodec, estimate_payload_bytes
 from occrt.codecs.raw import RawCodec
+from occrt.codecs.tcq import TcqCodec
 from occrt.converters.convert import ConvertOptions, checked_pass, file_metadata, opened, prepare
 from occrt.converters.policy import Policy
 from occrt.converters.source import SourceTensor
@@ -32,7 +33,7 @@ from occrt.format import constants as C
 from occrt.format.writer import canonical_json
 from occrt.model.loader import tensor_shapes
 
-_CODEC_NAMES = {RawCodec.id: "raw", EcsqCodec.id: "ecsq", PlanesCodec.id: "planes"}
+_CODEC_NAMES = {RawCodec.id: "raw", EcsqCodec.id: "ecsq", PlanesCodec.id: "planes", TcqCodec.id: "tcq"}
 _TYPICAL_CRC = 2 ** 31  # CRC-32 values are uniform in [0, 2^32): nine in ten have 10 digits
 
 
@@ -42,7 +43,7 @@ class PlannedTensor:
     shape: tuple[int, ...]
     codec: int
     dtype: str  # the stored dtype
-    record_bytes: float  # the payload (exact for raw); for ecsq with its params JSON, as the rate control counts it
+    record_bytes: float  # the payload (exact for raw); for ecsq and tcq with its params JSON, as the rate control counts it
     exact: bool
 
     @property
@@ -122,7 +123,7 @@ def _plan_tensor(t: SourceTensor, options: ConvertOptions, policy: Policy) -> Pl
         size = estimate_payload_bytes(data, dtype=dtype, chunk_size=options.chunk_size)
         return PlannedTensor(t.name, shape, PlanesCodec.id, dtype, size, False)
     if t.name in policy.chosen:
-        return PlannedTensor(t.name, shape, EcsqCodec.id, "f32", policy.estimated_bits[t.name] / 8, False)
+        return PlannedTensor(t.name, shape, policy.codec_id(t.name), "f32", policy.estimated_bits[t.name] / 8, False)
     if policy.two_pass:
         dtype = "f32"
     else:
@@ -132,7 +133,7 @@ def _plan_tensor(t: SourceTensor, options: ConvertOptions, policy: Policy) -> Pl
 
 def _header_estimate(plan: ConversionPlan, metadata: dict[str, Any]) -> int:
     """The header's JSON size: the metadata, and each section's entry laid out as the writer lays it out (raw and
-    planes params are `{}`; ecsq's are counted in their record sizes; checksums at a typical 10 digits)."""
+    planes params are `{}`; ecsq and tcq params are counted in their record sizes; checksums at a typical 10 digits)."""
     offset = plan.blob_bytes  # the blob is the first section, at offset 0
     entries = []
     for t in plan.tensors:

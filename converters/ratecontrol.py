@@ -70,8 +70,13 @@ def sample_positions(n: int, k: int, seed: int) -> np.ndarray:
 
 
 def measure(name: str, frame: CodingFrame, options: dict[str, Any], *, importance: float = 1.0,
-            sample: int = 1 << 17, chunk_size: int = ans.DEFAULT_CHUNK_SIZE, seed: int = 0) -> Candidate:
-    """The RD curve of one coding frame of a tensor."""
+            sample: int = 1 << 17, chunk_size: int = ans.DEFAULT_CHUNK_SIZE, seed: int = 0,
+            trellis: tuple[int, int] | None = None) -> Candidate:
+    """The RD curve of one coding frame of a tensor, as ecsq (scalar rounding) at each step Δ. With `trellis`
+    (states, generator) the record will be tcq at δ = Δ/2 (occrt/codecs/tcq.py): the codes' rate is taken to be
+    ecsq's at Δ (the entropy of a grid of step 2δ), the record's size adds tcq's second block (its header, table
+    and chunk record, the length field) and trellis params; the distortion stays ecsq's (the trellis lowers it by
+    about the same factor everywhere, which leaves the equal-slope allocation where it was)."""
     res = frame.residual.reshape(-1)
     n = res.size
     idx = sample_positions(n, sample, seed) if n > sample else None
@@ -97,7 +102,11 @@ def measure(name: str, frame: CodingFrame, options: dict[str, Any], *, importanc
         entropy = float(codes.size * np.log2(codes.size) - (counts * np.log2(counts)).sum()) if codes.size else 0.0
         # the frequency table: about two bytes an entry (varint of freq - 1), plus the block header
         table = 8 * (ans.HEADER_SIZE + 2 * counts.size + 8)
-        params_bits = 8 * len(canonical_json(frame.params(float(step))))
+        params = frame.params(float(step))
+        if trellis is not None:
+            table = 2 * table + 8 * (8 + ans.CHUNK_SIZE_BYTES + 16)
+            params = {**frame.params(float(step) / 2), "states": trellis[0], "generator": trellis[1]}
+        params_bits = 8 * len(canonical_json(params))
         bits[k] = entropy * factor + table + fixed_bits + params_bits
         err = (codes * step - res64) ** 2
         dist[k] = importance * float((err * scale2_s).sum()) * factor

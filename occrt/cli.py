@@ -31,7 +31,7 @@ def _convert(args: argparse.Namespace) -> int:
     options = ConvertOptions(dtype=args.dtype, overwrite=args.force, bpw=args.bpw, lossless=args.lossless,
                              rotate=args.rotate, ranks=tuple(args.ranks), embed_bpw=args.embed_bpw,
                              seed=args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
-                             tune_steps=args.tune_steps)
+                             tune_steps=args.tune_steps, quantizer=args.quantizer)
     progress = _show_progress(args)
     log = (lambda msg: None) if args.quiet else None
     if args.json and not args.dry_run:
@@ -285,12 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     mode = c.add_mutually_exclusive_group()
     mode.add_argument("--bpw", type=_positive_float, default=None,
-                      help="compress the linear layers to this many bits per weight on average (ecsq codec)")
+                      help="compress the linear layers to this many bits per weight on average (tcq codec, or "
+                           "ecsq with --quantizer scalar)")
     mode.add_argument("--lossless", action="store_true",
                       help="entropy-code every tensor exactly (planes codec)")
     c.add_argument("--rotate", choices=("none", "in", "out", "both"), default=None,
                    help="with --bpw: randomized Hadamard rotation of the linear weights' input/output coordinates "
                         "(default: 'in' with --calib, else 'none': what measured best on SmolLM2)")
+    c.add_argument("--quantizer", choices=("trellis", "scalar"), default="trellis",
+                   help="with --bpw: how the linear layers' codes are chosen: 'trellis' (default; a Viterbi path "
+                        "down each column, less error at the same rate) or 'scalar' (each code rounded alone)")
     c.add_argument("--calib", metavar="FILE", default=None,
                    help="with --bpw: calibration text; rounds with error feedback and weights the bit allocation "
                         "by each tensor's loss sensitivity. 'self': text sampled from the source model itself "

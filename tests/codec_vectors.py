@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from occrt.codecs.ecsq import EcsqCodec
+from occrt.codecs.ecsq import CodingFrame, EcsqCodec
 from occrt.codecs.planes import PlanesCodec
 from occrt.codecs.raw import RawCodec
 from occrt.codecs.rotation import RotationSpec
@@ -35,6 +35,11 @@ def tensors() -> dict[str, tuple[str, object]]:
         "ecsq_rotated_rank": ("ecsq.occ", EcsqCodec.encode(heavy, step=0.01, rank=2,
                                                            rot_in=RotationSpec(1, 42, 36),
                                                            rot_out=RotationSpec(2, 43, 16))),
+        "tcq_plain": ("tcq.occ", CodingFrame(w).encode(0.125, trellis=(64, 55))),
+        "tcq_scales_rotated": ("tcq.occ", CodingFrame(heavy, rot_in=RotationSpec(1, 44, 36), rank=1,
+                                                     row_scales=np.linspace(0.5, 2, 16),
+                                                     col_scales=np.linspace(1, 1.5, 36)).encode(
+                                                         0.004, trellis=(8, 5), chunk_size=64)),
         "planes_bf16": ("planes.occ", PlanesCodec.encode(w, dtype="bf16")),
         "planes_f16": ("planes.occ", PlanesCodec.encode(w, dtype="f16", chunk_size=100)),
         "planes_f32": ("planes.occ", PlanesCodec.encode(heavy, dtype="f32")),
@@ -58,7 +63,8 @@ def main() -> None:
             w.finish()
         with OccFile.open(path) as f:
             for name, _ in items:
-                exact = name != "ecsq_rotated_rank"  # rotations and U·V sum in an implementation-chosen order
+                # rotations and U·V sum in an implementation-chosen order
+                exact = name not in ("ecsq_rotated_rank", "tcq_scales_rotated")
                 record[name] = {"file": file, "sha256": sha256_f32(f.tensor(name)), "exact": exact}
     (DIR / "vectors.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 

@@ -37,7 +37,7 @@ def _spec_functions() -> dict:
     rot = (SPEC / "rotations.md").read_text()
     exec(re.search(r"## 9\. Reference code.*?```python\n(.*?)```", rot, re.S).group(1), ns)
     occ = (SPEC / "occ.md").read_text()
-    for name in ("decode_ecsq", "decode_planes"):
+    for name in ("decode_ecsq", "decode_planes", "decode_tcq"):
         exec(re.search(rf"```python\n(import numpy as np\ndef {name}.*?)```", occ, re.S).group(1), ns)
     return ns
 
@@ -119,7 +119,7 @@ def test_planes_is_lossless(dtype):
 
 def test_vectors_decode_to_their_recorded_hashes():
     record = json.loads((DIR / "vectors.json").read_text())
-    assert len(record) >= 9
+    assert len(record) >= 11
     for name, r in record.items():
         with OccFile.open(DIR / r["file"]) as f:
             assert sha256_f32(f.tensor(name)) == r["sha256"], name
@@ -138,6 +138,8 @@ def test_spec_reference_decoders_read_the_vectors():
             theirs = ns["decode_ecsq"](section, e.shape, e.params, reference_decode_symbols, ns["rotation_matrix"])
         elif e.codec == 2:
             theirs = ns["decode_planes"](section, e.dtype, e.shape, reference_decode_symbols)
+        elif e.codec == 3:
+            theirs = ns["decode_tcq"](section, e.shape, e.params, reference_decode_symbols, ns["rotation_matrix"])
         else:
             continue  # raw: test_format_spec runs its reference decoder
         theirs = np.asarray(theirs, dtype=np.float32)

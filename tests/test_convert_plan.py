@@ -36,7 +36,7 @@ def test_dry_run_writes_nothing_and_estimates_the_size(tiny_llama_dir, tmp_path,
     assert abs(estimate / real - 1) <= tolerance, (estimate, real)
     with OccFile.open(out) as occ:
         assert len(with_tensor_rows) == len(occ.tensors)
-        codecs = {0: "raw", 1: "ecsq", 2: "planes"}
+        codecs = {0: "raw", 1: "ecsq", 2: "planes", 3: "tcq"}
         for line in with_tensor_rows:  # each row names the codec the conversion then used
             name, shape, codec = line.split()[:3]
             assert codecs[occ.tensors[name].codec] == codec
@@ -47,7 +47,7 @@ def test_dry_run_json_and_without_output(tiny_llama_dir, tmp_path, capsys):
     assert main(["convert", tiny_llama_dir, "--dry-run", "--bpw", "3", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["mode"] == "bpw 3" and plan["estimated_file_bytes"] > 0
-    assert {t["codec"] for t in plan["tensors"]} == {"ecsq", "raw"}
+    assert {t["codec"] for t in plan["tensors"]} == {"tcq", "ecsq", "raw"}  # linear layers, embedding, norms
     linear = [t for t in plan["tensors"] if t["name"].endswith("_proj.weight")]
     n = sum(t["estimated_bytes"] * 8 / t["bits_per_weight"] for t in linear)
     assert abs(sum(t["estimated_bytes"] * 8 for t in linear) / n - 3) < 0.1  # the budget the rate control met
@@ -65,7 +65,7 @@ def test_plan_matches_each_tensor_of_a_real_conversion(tiny_llama_dir, tmp_path)
     with OccFile.open(out) as occ:
         for t in plan.tensors:
             e = occ.tensors[t.name]
-            real = e.length + (len(json.dumps(e.params, separators=(",", ":"))) if e.codec == 1 else 0)
+            real = e.length + (len(json.dumps(e.params, separators=(",", ":"))) if e.codec in (1, 3) else 0)
             assert abs(t.record_bytes - real) <= max(0.1 * real, 64), (t.name, t.record_bytes, real)
 
 

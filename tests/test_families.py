@@ -180,7 +180,7 @@ def test_longrope_short_factors_within_the_original_context(converted):
 
 
 def test_lossy_coding_reaches_the_new_linear_layers(tmp_path):
-    """--bpw 4 on GPT-2 and Phi-3: their split projections are coded as linear layers (ecsq), the model loads and
+    """--bpw 4 on GPT-2 and Phi-3: their split projections are coded as linear layers (tcq), the model loads and
     its logits stay near the source's (random weights compress badly: at 4 bpw the correlation with the source's
     logits is 0.97 / 0.93, at 2 bpw 0.75 / 0.41)."""
     for name in ("gpt2", "phi3"):
@@ -192,7 +192,7 @@ def test_lossy_coding_reaches_the_new_linear_layers(tmp_path):
             codecs = {n: e.codec for n, e in f.tensors.items()}
         linear = [n for n in codecs if n.endswith("_proj.weight")]
         assert len(linear) == {"gpt2": 2 * 6, "phi3": 2 * 7}[name]
-        assert all(codecs[n] == 1 for n in linear)  # ecsq
+        assert all(codecs[n] == 3 for n in linear)  # tcq (the default quantizer)
         ref = hf_logits(src, IDS)
         got = occrt_logits(out, IDS)
         assert np.abs(got - ref).max() > 1e-4  # lossy ...

@@ -27,10 +27,12 @@ def _logits(path):
     return m.forward(np.asarray(IDS), m.new_cache(len(IDS)), all_logits=True)
 
 
-@pytest.mark.parametrize("bpw,rotate,ranks", [(3.0, "none", (0,)), (2.5, "both", (0,)), (4.0, "in", (0, 8))])
-def test_bpw_target_is_met(wide_llama_dir, tmp_path, bpw, rotate, ranks):
+@pytest.mark.parametrize("bpw,rotate,ranks,quantizer", [(3.0, "none", (0,), "trellis"), (2.5, "both", (0,), "scalar"),
+                                                      (4.0, "in", (0, 8), "trellis"), (2.0, "none", (0,), "trellis")])
+def test_bpw_target_is_met(wide_llama_dir, tmp_path, bpw, rotate, ranks, quantizer):
     out = str(tmp_path / "m.occ")
-    summary = convert(wide_llama_dir, out, ConvertOptions(bpw=bpw, rotate=rotate, ranks=ranks), log=lambda m: None)
+    summary = convert(wide_llama_dir, out, ConvertOptions(bpw=bpw, rotate=rotate, ranks=ranks, quantizer=quantizer),
+                      log=lambda m: None)
     assert abs(summary["linear_bpw"] / bpw - 1) < 0.02
     # count it again from the file: payload + params of every linear record
     from occrt.format.writer import canonical_json
@@ -38,14 +40,16 @@ def test_bpw_target_is_met(wide_llama_dir, tmp_path, bpw, rotate, ranks):
     with OccFile.open(out) as f:
         lin = [e for n, e in f.tensors.items() if n.endswith("_proj.weight")]
         bits = sum(8 * (e.length + len(canonical_json(e.params))) for e in lin)
-        assert {e.codec for e in lin} == {1}
+        assert {e.codec for e in lin} == {3 if quantizer == "trellis" else 1}  # tcq, ecsq
         assert bits / sum(e.n_elements for e in lin) == pytest.approx(summary["linear_bpw"])
         if rotate == "both":
             assert all(e.params["rot_in"] and e.params["rot_out"] for e in lin)
     ref = hf_logits(wide_llama_dir, IDS)
     got = _logits(out)
     cosine = float((got * ref).sum() / (np.linalg.norm(got) * np.linalg.norm(ref)))
-    assert cosine > 0.6  # a random 2-layer model amplifies weight error; test_more_bits_less_error checks the trend
+    # a random 2-layer model amplifies weight error (at 2 bits too much for a fixed bound); test_more_bits_less_error
+    # checks the trend
+    assert cosine > 0.6 or bpw < 2.5
 
 
 def test_more_bits_less_error(wide_llama_dir, tmp_path):
@@ -108,6 +112,8 @@ def test_bad_options_are_refused(bad):
 def test_inspect_reports_rank_step_entropy_and_error(wide_llama_dir, tmp_path, capsys):
     import json
 
+    from occrt.codecs.tcq import GRANULAR_RMS_FACTOR
+
     from occrt.cli import main
 
     out = str(tmp_path / "m.occ")
@@ -116,10 +122,10 @@ def test_inspect_reports_rank_step_entropy_and_error(wide_llama_dir, tmp_path, c
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["tensors"]}
     lin = [r for n, r in rows.items() if n.endswith("_proj.weight")]
     for r in lin:
-        assert r["codec"] == "ecsq" and r["rotation"] == "in" and r["rank"] in (0, 8)
+        assert r["codec"] == "tcq" and r["rotation"] == "in" and r["rank"] in (0, 8)
         # the codes' entropy under their table is below the record's bits per weight (which adds side data)
         assert 0 < r["entropy"] <= r["bits_per_weight"] + 1e-9
-        # uniform rounding: RMS error step/√12 (no scales on linear layers)
-        assert r["est_rms_error"] == pytest.approx(r["step"] / 12 ** 0.5)
+        # the trellis' error: that of a uniform grid of step 2δ times its measured gain (no scales on linear layers)
+        assert r["est_rms_error"] == pytest.approx(2 * r["step"] / 12 ** 0.5 * GRANULAR_RMS_FACTOR)
     assert main(["inspect", out]) == 0
     assert "est_rms_error" in capsys.readouterr().out

@@ -71,6 +71,7 @@ class EcsqCodec(Codec):
     id = 1
     name = "ecsq"
     versions = (1,)
+    param_keys = PARAM_KEYS  # codec 3 (tcq) adds its trellis' keys
 
     def check(self, *, version, dtype, shape, params, length):
         super().check(version=version, dtype=dtype, shape=shape, params=params, length=length)
@@ -78,8 +79,8 @@ class EcsqCodec(Codec):
             raise FormatError(f"ecsq decodes to f32, the index says {dtype!r}")
         if len(shape) != 2:
             raise FormatError(f"ecsq stores matrices; shape {list(shape)} is not 2-D")
-        if set(params) != PARAM_KEYS:
-            raise FormatError(f"ecsq params must have keys {sorted(PARAM_KEYS)}, got {sorted(params)}")
+        if set(params) != self.param_keys:
+            raise FormatError(f"{self.name} params must have keys {sorted(self.param_keys)}, got {sorted(params)}")
         step = params["step"]
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not (0 < step < 1e30):
             raise FormatError(f"ecsq step must be a positive finite number, got {step!r}")
@@ -105,8 +106,8 @@ class EcsqCodec(Codec):
         n_out, n_in = shape
         layout = Layout.of(n_out, n_in, params)
         buf = np.frombuffer(payload, dtype=np.uint8)
-        codes = ans.decode_symbols(buf[layout.codes:], n_symbols=n_out * n_in)
-        w = codes.reshape(n_out, n_in).astype(np.float32) * np.float32(params["step"])  # (n_out, n_in)
+        codes = self.fine_codes(buf, layout, (n_out, n_in), params)
+        w = codes.astype(np.float32) * np.float32(params["step"])  # (n_out, n_in)
         if layout.row_scales:
             w *= _f16(buf, layout.row_scales)[:, None]
         if layout.col_scales:
@@ -117,6 +118,15 @@ class EcsqCodec(Codec):
             v = _f16(buf, layout.v).reshape(r, n_in)
             w += u @ v
         return from_coding_frame(w, rot_in=_spec(params["rot_in"]), rot_out=_spec(params["rot_out"]))
+
+    def fine_codes(self, buf: np.ndarray, layout: Layout, shape: tuple[int, int], params: dict[str, Any],
+                   threads: int = 1) -> np.ndarray:
+        """The integer codes C (n_out, n_in) of a payload (`buf`, uint8). FormatError offsets are the payload's."""
+        n = shape[0] * shape[1]
+        try:
+            return ans.decode_symbols(buf[layout.codes:], n_symbols=n, threads=threads).reshape(shape)
+        except FormatError as e:
+            raise FormatError(e.reason, None if e.offset is None else layout.codes + e.offset) from None
 
     @staticmethod
     def encode(w: np.ndarray, *, step: float, rank: int = 0, rot_in: RotationSpec | None = None,
@@ -137,7 +147,11 @@ class EcsqCodec(Codec):
         freqs = info["freqs"].astype(np.float64)
         p = freqs / freqs.sum()
         entropy = float(-(p * np.log2(p)).sum())  # bits per code if the codes follow the table (escapes excluded)
-        rms = float(params["step"]) / math.sqrt(12)
+        return self._summary(params, shape, buf, layout, entropy=entropy, rms=float(params["step"]) / math.sqrt(12))
+
+    @staticmethod
+    def _summary(params, shape, buf, layout: Layout, *, entropy: float, rms: float) -> dict[str, Any]:
+        """The summary from the codes' entropy and the quantizer's RMS error at unit multipliers."""
         for part in (layout.row_scales, layout.col_scales):
             if part is not None:
                 rms *= float(np.sqrt(np.mean(_f16(buf, part).astype(np.float64) ** 2)))
@@ -264,20 +278,35 @@ class CodingFrame:
                 "rot_in": None if self.rot_in is None else self.rot_in.to_json(),
                 "rot_out": None if self.rot_out is None else self.rot_out.to_json()}
 
-    def encode(self, step: float, *, chunk_size: int = ans.DEFAULT_CHUNK_SIZE,
-               codes: np.ndarray | None = None) -> Encoded:
+    def encode(self, step: float, *, chunk_size: int = ans.DEFAULT_CHUNK_SIZE, codes: np.ndarray | None = None,
+               trellis: tuple[int, int] | None = None) -> Encoded:
+        """The record at step Δ: codec 1 (ecsq), or with `trellis` = (states, generator) codec 3 (tcq, Δ the fine
+        step δ; occrt/codecs/tcq.py), its codes the Viterbi path unless `codes` gives them (on the trellis)."""
         if not (math.isfinite(step) and step > 0):
             raise ValueError(f"step must be positive and finite, got {step}")
+        if trellis is not None:
+            from occrt.codecs import tcq
+
+            if codes is None:
+                codes = tcq.trellis_codes(self.residual, step, tcq.parity_table(*trellis))
+            blocks = tcq.encode_codes(codes, *trellis, chunk_size=chunk_size)
+            params = {**self.params(step), "states": trellis[0], "generator": trellis[1]}
+            return Encoded(codec=tcq.TcqCodec.id, codec_version=1, dtype="f32", shape=self.shape,
+                           payload=[self._side(), b"".join(blocks)], params=params)
         c = self.codes(step) if codes is None else codes
-        layout = Layout.of(*self.shape, self.params(step))
+        block = ans.encode_symbols(c.reshape(-1), chunk_size=chunk_size)
+        return Encoded(codec=EcsqCodec.id, codec_version=1, dtype="f32", shape=self.shape,
+                       payload=[self._side(), block], params=self.params(step))
+
+    def _side(self) -> bytes:
+        """The payload's parts before the codes (a, b, U, V), padded to where the codes start."""
+        layout = Layout.of(*self.shape, self.params(1.0))
         payload = bytearray(layout.codes)
         for part, arr in ((layout.row_scales, self.a), (layout.col_scales, self.b), (layout.u, self.u),
                           (layout.v, self.v)):
             if part is not None:
                 payload[part[0]:part[0] + part[1]] = arr.astype("<f2").tobytes()
-        block = ans.encode_symbols(c.reshape(-1), chunk_size=chunk_size)
-        return Encoded(codec=EcsqCodec.id, codec_version=1, dtype="f32", shape=self.shape,
-                       payload=[bytes(payload), block], params=self.params(step))
+        return bytes(payload)
 
 
 ECSQ = EcsqCodec()

@@ -10,12 +10,14 @@ from occrt.codecs.base import Codec
 from occrt.codecs.ecsq import ECSQ
 from occrt.codecs.planes import PLANES
 from occrt.codecs.raw import RAW
+from occrt.codecs.tcq import TCQ
 from occrt.errors import FormatError
 
 CODECS: dict[int, Codec] = {
     0: RAW,  # raw: elements in their dtype (f32/f16/bf16)
     1: ECSQ,  # ecsq: rotations + low-rank part + entropy-coded uniform residual (lossy)
     2: PLANES,  # planes: float bit fields as separate ANS streams (lossless)
+    3: TCQ,  # tcq: the ecsq frame with trellis-coded, entropy-coded codes (lossy)
 }
 
 

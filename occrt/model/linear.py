@@ -10,6 +10,7 @@
                       U, V    (n_out, r), (r, n_in) float32 structural part, or None (rank 0)
                       Q_in, Q_out   seeded Hadamard rotations (occrt.kernels.hadamard), or None
                   computed as  x_r = Q_in x;  y = Q_outᵀ (m ⊙ C (b ⊙ x_r) + U (V x_r))  -- never building W.
+                  Codec 3 (occrt.codecs.tcq) gets the same form: its trellis is walked at load, C = the fine codes.
 
 `FORMS` maps a codec id to the function that builds its runtime form from the tensor's payload; a codec without an
 entry is decoded to float32 and held as a DenseLinear (the lossless `planes` codec: its exact values need 32 bits).
@@ -237,14 +238,42 @@ def decode_ecsq(payload: memoryview, *, shape: tuple[int, ...], params: dict[str
         if kind == "int4":
             scratch = np.empty((n_out, n_in), dtype=np.int8)
             ans.decode_symbols(block, n_symbols=n_out * n_in, threads=threads, out=scratch.reshape(-1))
-            codes = np.empty((n_out, compact.n_packed(n_in)), dtype=np.uint8)
-            compact.pack_int4(scratch, codes)
+            codes = _packed(scratch)
             del scratch
         else:
             codes = np.empty((n_out, n_in), dtype=kind)
             ans.decode_symbols(block, n_symbols=n_out * n_in, threads=threads, out=codes.reshape(-1))
     except FormatError as e:
         raise FormatError(e.reason, None if e.offset is None else layout.codes + e.offset) from None
+    return _ecsq_form(buf, layout, kind, codes, shape, params)
+
+
+def decode_tcq(payload: memoryview, *, shape: tuple[int, ...], params: dict[str, Any], threads: int = 1
+               ) -> EcsqLinear:
+    """Payload of a tcq tensor (occrt/codecs/tcq.py) -> EcsqLinear: the trellis is walked once at load, so the
+    runtime form is exactly ecsq's, its codes the fine codes K and its step δ."""
+    from occrt.codecs.tcq import TCQ
+
+    n_out, n_in = shape
+    layout = Layout.of(n_out, n_in, params)
+    buf = np.frombuffer(payload, dtype=np.uint8)
+    k = TCQ.fine_codes(buf, layout, (n_out, n_in), params, threads=threads)  # (n_out, n_in) int64
+    kind = compact.kind_for(int(k.min(initial=0)), int(k.max(initial=0))) or "int32"
+    codes = _packed(k.astype(np.int8)) if kind == "int4" else k.astype(kind)
+    del k
+    return _ecsq_form(buf, layout, kind, codes, shape, params)
+
+
+def _packed(codes_i8: np.ndarray) -> np.ndarray:
+    n_out, n_in = codes_i8.shape
+    packed = np.empty((n_out, compact.n_packed(n_in)), dtype=np.uint8)
+    compact.pack_int4(codes_i8, packed)
+    return packed
+
+
+def _ecsq_form(buf: np.ndarray, layout: Layout, kind: str, codes: np.ndarray, shape: tuple[int, ...],
+               params: dict[str, Any]) -> EcsqLinear:
+    n_out, n_in = shape
     step = np.float32(params["step"])
     a = _f16_part(buf, layout.row_scales)
     m = np.full(n_out, step, dtype=np.float32) if a is None else (a * step).astype(np.float32)
@@ -268,4 +297,5 @@ def available_cpus() -> int:
 # codec id -> (payload, shape=, params=, threads=) -> runtime form. Codecs not listed decode to a DenseLinear.
 FORMS: dict[int, Callable[..., Any]] = {
     1: decode_ecsq,
+    3: decode_tcq,
 }
