@@ -29,14 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from occrt.codecs import ans
+from occrt.codecs import ans, tcq
 from occrt.codecs.base import Encoded
 from occrt.codecs.ecsq import CodingFrame, EcsqCodec
 from occrt.codecs.planes import PlanesCodec
 from occrt.codecs.raw import RawCodec
 from occrt.codecs.rotation import RotationSpec, derive_seed, rotate
 from occrt.converters.calibrate import DEFAULT_TOKENS, Calibration
-from occrt.codecs import tcq
 from occrt.converters.gptq import cholesky_inverse_upper, ecsq_error_feedback, tcq_error_feedback
 from occrt.converters.ratecontrol import Candidate, TensorCurves, allocate, measure
 from occrt.converters.source import SourceTensor
