@@ -238,6 +238,19 @@ def _align8(n: int) -> int:
     return (n + 7) // 8 * 8
 
 
+def _block_spans(buf: np.ndarray, at: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(start, end) of block 0 and block 1 in a payload whose codes part starts at `at` (its length field, block 0,
+    zero padding, block 1 to the end); FormatError if block 0 overruns or the padding is missing or not zero."""
+    (n_bytes,) = struct.unpack_from("<Q", buf, at)
+    start0 = at + 8
+    if n_bytes > len(buf) - start0:
+        raise FormatError(f"tcq block 0 of {n_bytes} bytes runs past the payload end", at)
+    start1 = _align8(start0 + n_bytes)
+    if start1 > len(buf) or buf[start0 + n_bytes:start1].any():
+        raise FormatError("tcq padding after block 0 is missing or not zero", start0 + n_bytes)
+    return (start0, start0 + n_bytes), (start1, len(buf))
+
+
 def encode_codes(k: np.ndarray, states: int, generator: int, *, chunk_size: int) -> list[bytes]:
     """The codes part of a tcq payload for fine codes `k` (which must lie on the trellis)."""
     m0, m1 = split(k, parity_table(states, generator))
@@ -271,15 +284,8 @@ class TcqCodec(EcsqCodec):
         """K (n_out, n_in) int64 from the payload's two blocks. FormatError offsets are relative to the payload."""
         n = shape[0] * shape[1]
         at = layout.codes
-        (n_bytes,) = struct.unpack_from("<Q", buf, at)
-        start0 = at + 8
-        if n_bytes > len(buf) - start0:
-            raise FormatError(f"tcq block 0 of {n_bytes} bytes runs past the payload end", at)
-        start1 = _align8(start0 + n_bytes)
-        if start1 > len(buf) or buf[start0 + n_bytes:start1].any():
-            raise FormatError("tcq padding after block 0 is missing or not zero", start0 + n_bytes)
         blocks = []
-        for start, end in ((start0, start0 + n_bytes), (start1, len(buf))):
+        for start, end in _block_spans(buf, at):
             try:
                 info = ans.block_info(buf[start:end])
                 if info["n_symbols"] > n:
@@ -301,10 +307,8 @@ class TcqCodec(EcsqCodec):
         n_out, n_in = shape
         layout = Layout.of(n_out, n_in, params)
         buf = np.frombuffer(payload, dtype=np.uint8)
-        (n_bytes,) = struct.unpack_from("<Q", buf, layout.codes)
-        start0 = layout.codes + 8
         bits = 0.0
-        for start, end in ((start0, start0 + n_bytes), (_align8(start0 + n_bytes), len(buf))):
+        for start, end in _block_spans(buf, layout.codes):
             info = ans.block_info(buf[start:end])
             freqs = info["freqs"].astype(np.float64)
             p = freqs / freqs.sum() if freqs.size else freqs
