@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from occrt.converters.source import Source
+from occrt.converters.source import MallocThresholds, Source, heap_reuse
 from occrt.errors import ConversionError
 from occrt.model.config import ModelConfig
 
@@ -227,7 +227,7 @@ def _materialize_rotary(model, cfg: ModelConfig) -> None:
 
 
 def calibrate(source: Source, text: str | None, *, n_tokens: int = DEFAULT_TOKENS, ctx: int = 512, seed: int = 0,
-              log: Callable[[str], None] = lambda msg: None) -> Calibration:
+              log: Callable[[str], None] = lambda msg: None, heap: MallocThresholds | None = None) -> Calibration:
     """The windows: `text`'s tokens, or (text None) `sampled_windows` from the source model with `seed`. Then two
     passes over them, so the two statistics never share memory:
 
@@ -236,7 +236,8 @@ def calibrate(source: Source, text: str | None, *, n_tokens: int = DEFAULT_TOKEN
       2. forward and backward, each decoder layer checkpointed (its activations recomputed in the backward pass, so
          only the layers' inputs are kept), each weight's gradient reduced to its Fisher value and dropped the moment
          it is complete: never the whole model's gradients at once.
-    Peak: the float32 model plus one window's layer inputs and a slice of its logits."""
+    Peak: the float32 model plus one window's layer inputs and a slice of its logits. `heap`: glibc's malloc
+    thresholds as the command line installs them (converters/source.py): the gradient pass reuses the heap."""
     started = time.monotonic()
     ctx = min(ctx, source.config.max_position_embeddings - 1)  # a window and its BOS fit the model's positions
     if text is not None:
@@ -246,7 +247,8 @@ def calibrate(source: Source, text: str | None, *, n_tokens: int = DEFAULT_TOKEN
         if text is None:
             windows = sampled_windows(model, source, n_tokens=n_tokens, ctx=ctx, seed=seed, log=log)
         hessians, hidden = _second_moments(model, rules, windows, started, log)
-        fisher = _fisher(model, rules, windows, source.config, started, log)
+        with heap_reuse(heap):
+            fisher = _fisher(model, rules, windows, source.config, started, log)
     finally:
         del model
         gc.collect()  # transformers' modules hold reference cycles: free the float32 model before coding starts

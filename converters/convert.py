@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 import occrt
-from occrt.converters.source import Source, SourceTensor
+from occrt.converters.source import MallocThresholds, Source, SourceTensor
 from occrt.codecs import ans
 from occrt.converters.policy import CodingOptions, Policy, record_bits
 from occrt.errors import ConversionError
@@ -55,12 +55,14 @@ def open_source(path: str) -> Source:
 
 
 def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), *,
-            log: Callable[[str], None] | None = None, progress: bool = False) -> dict[str, Any]:
+            log: Callable[[str], None] | None = None, progress: bool = False,
+            heap: MallocThresholds | None = None) -> dict[str, Any]:
     """Convert `src` to `out`. Returns a summary (tensor count, bytes, parameters, achieved bits per weight).
-    `progress`: a bar per pass on stderr (occrt/progress.py)."""
+    `progress`: a bar per pass on stderr (occrt/progress.py). `heap`: glibc's malloc thresholds as the command line
+    installs them (converters/source.py), for the calibration's gradient pass."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     with opened(src, options) as (source, options, policy):
-        return _write(source, out, options, policy, log, progress)
+        return _write(source, out, options, policy, log, progress, heap)
 
 
 @contextmanager
@@ -102,7 +104,8 @@ def checked_pass(source: Source, expected: dict[str, tuple[int, ...]], desc: str
             bar.done(n_weights, n_bytes)
 
 
-def prepare(source: Source, options: ConvertOptions, policy: Policy, log, progress: bool) -> None:
+def prepare(source: Source, options: ConvertOptions, policy: Policy, log, progress: bool,
+            heap: MallocThresholds | None = None) -> None:
     """What comes before writing: calibration (--calib; its statistics go to the policy) and the rate control's
     measure pass (--bpw)."""
     expected = tensor_shapes(source.config)
@@ -117,7 +120,7 @@ def prepare(source: Source, options: ConvertOptions, policy: Policy, log, progre
             except (OSError, UnicodeDecodeError) as e:
                 raise ConversionError(f"--calib {options.calib}: {e}") from None
         started = time.monotonic()
-        calibration = calibrate(source, text, n_tokens=options.calib_tokens, seed=options.seed, log=log)
+        calibration = calibrate(source, text, n_tokens=options.calib_tokens, seed=options.seed, log=log, heap=heap)
         policy.use_calibration(calibration)
         log(f"calibration: {calibration.tokens} tokens in {time.monotonic() - started:.1f} s")
     if policy.two_pass:
@@ -144,13 +147,14 @@ def file_metadata(source: Source, options: ConvertOptions, policy: Policy) -> di
     return meta
 
 
-def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, log, progress: bool) -> dict[str, Any]:
+def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, log, progress: bool,
+           heap: MallocThresholds | None) -> dict[str, Any]:
     cfg = source.config
     expected = tensor_shapes(cfg)
     if not source.tokenizer.chat_template:
         log("note: the source has no chat template: the .occ file continues plain prompts, and chat "
             "(occrt generate without --prompt, /v1/chat/completions) will refuse")
-    prepare(source, options, policy, log, progress)
+    prepare(source, options, policy, log, progress, heap)
     seen: set[str] = set()
     n_params = 0
     linear_bits = linear_params = 0

@@ -9,6 +9,7 @@ import hashlib
 import mmap
 import os
 import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -78,18 +79,62 @@ def release_pages(mapping: mmap.mmap | None, begin: int, end: int) -> None:
     mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
-def return_freed_buffers_to_the_os(threshold: int = 256 << 10) -> bool:
-    """glibc only: allocations of `threshold` bytes or more get their own mappings (mallopt M_MMAP_THRESHOLD), so
-    a freed tensor leaves the resident set at once instead of staying in the heap for reuse. glibc raises the
-    threshold on its own as large blocks are freed (up to 32 MiB), after which a conversion's succession of
-    differently sized float32 tensors and torch buffers fragments the heap: on SmolLM2 with --calib the peak was
-    1.48 GB with the default and 1.13 GB with this (benchmarks/quality_results.md). Process-wide, so the command
-    line sets it, not the library. Returns whether it was set."""
-    import ctypes
-    import ctypes.util
+class MallocThresholds:
+    """glibc's malloc during a conversion: where a freed buffer goes (Linux with glibc only; `install` returns None
+    elsewhere). Process-wide, so the command line installs it (occrt/cli.py) and hands it to `convert`; the library
+    never sets it on its own.
 
-    if not sys.platform.startswith("linux"):
-        return False
+    - Streaming (set by `install`, and the rule outside `reuse`): allocations of 256 KiB or more get their own
+      mappings (M_MMAP_THRESHOLD), so a freed tensor leaves the resident set at once. glibc raises the threshold on
+      its own as large blocks are freed (up to 32 MiB), after which a conversion's succession of differently sized
+      float32 tensors and torch buffers fragments the heap: on SmolLM2 with --calib the peak was 1.48 GB with
+      glibc's default and 1.13 GB with this (benchmarks/quality_results.md).
+    - `reuse()`: up to 4 MiB from the heap, whose freed blocks are used again; on the way out the streaming
+      threshold comes back and `malloc_trim` hands the heap's free pages to the kernel. For a pass that allocates
+      the same activation sizes window after window: with a fresh mapping for each (512 tokens x 1536 float32 is
+      3 MiB), every page is faulted in and zeroed anew. The calibration's gradient pass uses it (SmolLM2, 8 windows
+      of 512 tokens: 34-40 s instead of 52 s, its peak 1.27 GB instead of 1.13 GB, under the sampling's). The
+      tuning does not: its steps were 4.7-5.6 s instead of 7.5-10 s, but the heap kept ~500 MB more (peak 1.6 GB
+      with 2 or 4 MiB, 1.8 GB with 32 MiB, against 1.08 GB streaming: over issue 5's memory goal)."""
+
+    STREAMING = 256 << 10
+    REUSE = 4 << 20
+    _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+    def __init__(self, libc):
+        self._libc = libc
+
+    @classmethod
+    def install(cls) -> "MallocThresholds | None":
+        """Set the streaming threshold; None (and nothing set) where this is not Linux with glibc."""
+        import ctypes
+        import ctypes.util
+
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            heap = cls(libc)
+            return heap if hasattr(libc, "malloc_trim") and heap._set(cls.STREAMING) else None
+        except (OSError, AttributeError):
+            return None
+
+    def _set(self, threshold: int) -> bool:
+        return bool(self._libc.mallopt(self._M_MMAP_THRESHOLD, threshold))  # 0 means refused
+
+    @contextmanager
+    def reuse(self):
+        self._set(self.REUSE)
+        try:
+            yield
+        finally:
+            self._set(self.STREAMING)
+            self._libc.malloc_trim(0)
+
+
+def heap_reuse(heap: MallocThresholds | None):
+    """`heap.reuse()`, or nothing without one."""
+    return nullcontext() if heap is None else heap.reuse()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD; 0 means refused (e.g. not glibc)

@@ -25,9 +25,9 @@ from occrt.errors import OccError
 
 def _convert(args: argparse.Namespace) -> int:
     from occrt.converters.convert import ConvertOptions, convert
-    from occrt.converters.source import return_freed_buffers_to_the_os
+    from occrt.converters.source import MallocThresholds
 
-    return_freed_buffers_to_the_os()
+    heap = MallocThresholds.install()
     options = ConvertOptions(dtype=args.dtype, overwrite=args.force, bpw=args.bpw, lossless=args.lossless,
                              rotate=args.rotate, ranks=tuple(args.ranks), embed_bpw=args.embed_bpw,
                              seed=args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
@@ -51,7 +51,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise OccError("convert: -o/--output is required (or --dry-run, to print the plan without writing)")
     before = _file_identity(args.output)
     try:
-        convert(args.src, args.output, options, log=log, progress=progress)
+        convert(args.src, args.output, options, log=log, progress=progress, heap=heap)
     except KeyboardInterrupt:
         # the writer removed its temporaries on the way out; say whether the rename (the commit point) happened
         after = _file_identity(args.output)

@@ -59,6 +59,27 @@ def test_feedback_lowers_output_error_at_the_same_step():
     assert np.isfinite(cholesky_inverse_upper(h, damp=0.1)).all()
 
 
+def test_heap_reuse_leaves_the_statistics_alone(tiny_llama_dir):
+    """The command line's malloc thresholds (converters/source.py) change where buffers live, never what the
+    calibration computes: the same Fisher values and second moments with the gradient pass reusing the heap."""
+    import sys
+
+    from occrt.converters.source import MallocThresholds
+
+    heap = MallocThresholds.install()
+    if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
+        assert heap is not None
+    plain = calibrate(open_source(tiny_llama_dir), TEXT, n_tokens=200, ctx=64)
+    reused = calibrate(open_source(tiny_llama_dir), TEXT, n_tokens=200, ctx=64, heap=heap)
+    assert reused.fisher == plain.fisher
+    for key in plain.hessians:
+        assert np.array_equal(reused.hessians[key], plain.hessians[key])
+    if heap is not None:
+        assert heap._set(MallocThresholds.STREAMING)  # glibc takes the thresholds the class sets
+        assert heap._set(MallocThresholds.REUSE)
+        assert heap._set(MallocThresholds.STREAMING)
+
+
 def test_second_moments_match_the_model(tiny_llama_dir, tiny_occ):
     source = open_source(tiny_llama_dir)
     cal = calibrate(source, TEXT, n_tokens=200, ctx=64)
