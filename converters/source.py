@@ -135,8 +135,3 @@ class MallocThresholds:
 def heap_reuse(heap: MallocThresholds | None):
     """`heap.reuse()`, or nothing without one."""
     return nullcontext() if heap is None else heap.reuse()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD; 0 means refused (e.g. not glibc)
-    except (OSError, AttributeError):
-        return False
