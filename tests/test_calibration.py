@@ -392,3 +392,15 @@ def test_calib_self_needs_no_text_and_helps(tiny_llama_dir, tmp_path):
         m = occrt.load(out)
         errs[label] = float(np.linalg.norm(m.forward(np.asarray(IDS), m.new_cache(16), all_logits=True) - ref))
     assert errs["self"] < errs["plain"], errs
+
+
+def test_the_tuning_rate_decays_from_its_peak_to_near_zero():
+    """finetune.learning_rate: the first step at the peak, every later step smaller, the last a few thousandths of
+    the peak (never 0: the last window still counts)."""
+    from occrt.converters.finetune import learning_rate
+
+    rates = [learning_rate(step, 32, 3e-3) for step in range(32)]
+    assert rates[0] == pytest.approx(3e-3)
+    assert all(later < earlier for earlier, later in zip(rates, rates[1:]))
+    assert 0 < rates[-1] < 0.01 * 3e-3
+    assert learning_rate(16, 32, 3e-3) == pytest.approx(1.5e-3)  # halfway: half the peak
