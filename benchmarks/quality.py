@@ -190,9 +190,9 @@ def main() -> None:
         r["ratio"] = r["ppl"] / ref_ppl
     if a.keep:
         earlier = json.loads(Path(a.keep).read_text())
-        measured = {r["method"] for r in rows}
+        measured = {(r["method"], r.get("flags")) for r in rows}  # a row re-measured replaces its earlier self
         kept = [dict(r, commit=r.get("commit", earlier["meta"]["commit"])) for r in earlier["rows"]
-                if r["method"] not in measured]
+                if (r["method"], r.get("flags")) not in measured]
         rows += kept  # their ratios are to the earlier run's reference, measured on the same text and code
         log(f"kept {len(kept)} rows of {a.keep} (commit {earlier['meta']['commit']})")
     meta = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -194,7 +194,7 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
     """--tune-steps: code every tensor first (records held in memory: the compressed model), then fit the linear
     layers' step multipliers by distillation from the source (converters/finetune.py)."""
     from occrt.converters.calibrate import calibration_model
-    from occrt.converters.finetune import decode_record, tune_scales
+    from occrt.converters import finetune
     from occrt.converters.policy import EMBEDDINGS
 
     started = time.monotonic()
@@ -213,9 +213,9 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
     if unknown:
         raise ConversionError(f"--tune-steps: the torch model of a {source.config.architecture} model has no "
                               f"parameter {unknown[0]!r}")
-    fixed = {n: decode_record(e) for n, e in records.items() if n in EMBEDDINGS and n in params}
-    linear = tune_scales(teacher, linear, fixed, calibration.windows, teacher_hidden=calibration.hidden,
-                         steps=options.tune_steps, log=log)
+    fixed = {n: finetune.decode_record(e) for n, e in records.items() if n in EMBEDDINGS and n in params}
+    linear = finetune.tune_scales(teacher, linear, fixed, calibration.windows, teacher_hidden=calibration.hidden,
+                                  steps=options.tune_steps, lr=finetune.peak_rate(options.bpw), log=log)
     records.update(linear)
     log(f"tuning: {len(linear)} tensors in {time.monotonic() - started:.1f} s")
     return records

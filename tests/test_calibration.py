@@ -404,3 +404,22 @@ def test_the_tuning_rate_decays_from_its_peak_to_near_zero():
     assert all(later < earlier for earlier, later in zip(rates, rates[1:]))
     assert 0 < rates[-1] < 0.01 * 3e-3
     assert learning_rate(16, 32, 3e-3) == pytest.approx(1.5e-3)  # halfway: half the peak
+
+
+def test_the_tuning_rate_halves_per_bit(tiny_llama_dir, calib_file, tmp_path, monkeypatch):
+    """occrt convert tunes with finetune.peak_rate(--bpw): the default peak at 3 bits, half of it at 4, twice at 2."""
+    from occrt.converters import finetune
+
+    peaks = []
+    real = finetune.tune_scales
+
+    def spy(*args, lr, **kw):
+        peaks.append(lr)
+        return real(*args, lr=lr, **kw)
+
+    monkeypatch.setattr(finetune, "tune_scales", spy)
+    for bpw in (3.0, 4.0):  # (2 bits do not hold the tiny model's multipliers)
+        convert(tiny_llama_dir, str(tmp_path / f"{bpw}.occ"),
+                ConvertOptions(bpw=bpw, calib=calib_file, calib_tokens=256, tune_steps=1), log=lambda m: None)
+    assert peaks == pytest.approx([finetune.DEFAULT_LR, finetune.DEFAULT_LR / 2])
+    assert finetune.peak_rate(2.0) == pytest.approx(2 * finetune.DEFAULT_LR)
