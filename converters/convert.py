@@ -215,7 +215,8 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
                               f"parameter {unknown[0]!r}")
     fixed = {n: finetune.decode_record(e) for n, e in records.items() if n in EMBEDDINGS and n in params}
     linear = finetune.tune_scales(teacher, linear, fixed, calibration.windows, teacher_hidden=calibration.hidden,
-                                  steps=options.tune_steps, lr=finetune.peak_rate(options.bpw), log=log)
+                                  steps=options.tune_steps, lr=finetune.peak_rate(options.bpw),
+                                  decay=finetune.decays(options.bpw), log=log)
     records.update(linear)
     log(f"tuning: {len(linear)} tensors in {time.monotonic() - started:.1f} s")
     return records

@@ -52,12 +52,22 @@ def peak_rate(bpw: float) -> float:
     return DEFAULT_LR * 2.0 ** min(0.0, 3.0 - bpw)
 
 
-def learning_rate(step: int, steps: int, peak: float = DEFAULT_LR) -> float:
+def decays(bpw: float) -> bool:
+    """Whether the rate decays (`learning_rate`) for a file of `bpw` bits per linear weight: from 2.5 bits up. Far
+    from the source the 32 steps are still descending when the cosine has shrunk them: with alice29 on SmolLM2 (enwiki
+    perplexity ratio) the decay gave 2.720 at 2.0 bits against 2.611 at a constant 3e-3, while at 2.5 bits it gave
+    1.568 against 1.580 (and 1.257 against 1.263 at 3.0)."""
+    return bpw >= 2.5
+
+
+def learning_rate(step: int, steps: int, peak: float = DEFAULT_LR, decay: bool = True) -> float:
     """Adam's learning rate at `step` (0-based) of `steps`: a half cosine from `peak` down toward 0. At a constant
     rate the last steps are as large as the first, and one window's update can undo what the earlier ones fitted
     (--calib self at 4.0 bits on SmolLM2, constant 3e-3: the KL on the windows seen before rose from ~0.06 to ~0.2
     nats per token on the second pass); decaying the rate ends the tuning on small steps: enwiki perplexity ratio
     1.086 -> 1.048 there, 1.263 -> 1.257 with alice29 at 3.0 bits (benchmarks/quality_results.md)."""
+    if not decay:
+        return peak
     return 0.5 * peak * (1.0 + math.cos(math.pi * step / steps))
 
 
@@ -217,14 +227,15 @@ class Student:
 
 def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarray], windows: list[list[int]], *,
                 teacher_hidden: list[np.ndarray], steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
-                log: Callable[[str], None] = lambda msg: None) -> dict[str, Encoded]:
+                decay: bool = True, log: Callable[[str], None] = lambda msg: None) -> dict[str, Encoded]:
     """Fit the multipliers of `records` (ecsq, name -> record, HF parameter names of `teacher`) so the coded model's
     next-token distributions follow `teacher`'s on `windows`.
 
     `fixed`: the other coded tensors as the decoder rebuilds them (e.g. the embedding), substituted as constants.
-    `lr`: the peak of the learning-rate schedule (`learning_rate`). Returns the tuned records. `teacher` is the source's torch model (float32); its coded linear weights are never
-    used and may be left on the meta device (converters/calibrate.calibration_model), since `teacher_hidden` holds
-    the source model's last hidden states (T, d) per window (the calibration's second-moment pass computes them).
+    `lr`: the peak of the learning-rate schedule (`learning_rate`), `decay`: whether it decays. Returns the tuned
+    records. `teacher` is the source's torch model (float32); its coded linear weights are never used and may be
+    left on the meta device (converters/calibrate.calibration_model), since `teacher_hidden` holds the source model's
+    last hidden states (T, d) per window (the calibration's second-moment pass computes them).
     Memory: the teacher's other tensors, the codes as small integers, the hidden states, the layers' inputs
     (checkpointed layers) and one slice of logits at a time (converters/calibrate.py's helpers)."""
     import torch
@@ -255,7 +266,7 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
         student.set(True)
         for step in range(steps):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, steps, lr)
+                group["lr"] = learning_rate(step, steps, lr, decay)
             k = step % len(windows)
             ids = torch.tensor([windows[k]])
             hidden_teacher = targets[k]

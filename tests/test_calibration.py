@@ -404,6 +404,7 @@ def test_the_tuning_rate_decays_from_its_peak_to_near_zero():
     assert all(later < earlier for earlier, later in zip(rates, rates[1:]))
     assert 0 < rates[-1] < 0.01 * 3e-3
     assert learning_rate(16, 32, 3e-3) == pytest.approx(1.5e-3)  # halfway: half the peak
+    assert {learning_rate(step, 32, 3e-3, decay=False) for step in range(32)} == {3e-3}  # below 2.5 bits
 
 
 def test_the_tuning_rate_halves_per_bit_above_three(tiny_llama_dir, calib_file, tmp_path, monkeypatch):
@@ -424,3 +425,4 @@ def test_the_tuning_rate_halves_per_bit_above_three(tiny_llama_dir, calib_file, 
                 ConvertOptions(bpw=bpw, calib=calib_file, calib_tokens=256, tune_steps=1), log=lambda m: None)
     assert peaks == pytest.approx([finetune.DEFAULT_LR, finetune.DEFAULT_LR / 2])
     assert finetune.peak_rate(2.0) == finetune.DEFAULT_LR
+    assert finetune.decays(2.5) and not finetune.decays(2.0)
