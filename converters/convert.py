@@ -162,7 +162,9 @@ def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, lo
         w.add_blob("tokenizer.json", source.tokenizer.tokenizer_json)
         for key, value in file_metadata(source, options, policy).items():
             w.set_metadata(key, value)
-        tuned = _tuned_records(source, expected, policy, options, log) if options.tune_steps else None
+        tuned = None
+        if options.tune_steps or options.sequential is not None:
+            tuned = _tuned_records(source, expected, policy, options, log)
         log(f"writing {out}: {len(expected)} tensors")
         for t in checked_pass(source, expected, "encode", progress=progress):
             enc = policy.encode(t) if tuned is None else tuned.pop(t.name)
@@ -202,18 +204,32 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
     if calibration is None or not calibration.hidden:
         raise ConversionError("--tune-steps needs the calibration's statistics (--calib)")
     # the source model's side of the distillation is the calibration's hidden states: the teacher's linear
-    # weights are never needed, so they are not read (the codes stand in for them)
-    teacher, _ = calibration_model(source, linear_weights=False)
+    # weights are never needed, so they are not read (the codes stand in for them); sequential coding reads them
+    # and releases each layer's once it is coded
+    sequential = options.sequential is not None
+    teacher, _ = calibration_model(source, linear_weights=sequential)
     params = dict(teacher.named_parameters())
     records: dict[str, Any] = {}
     for t in _checked_tensors(source, expected):
-        records[t.name] = policy.encode(t)
+        if not (sequential and policy.is_linear(t.name)):
+            records[t.name] = policy.encode(t)
+    fixed = {n: finetune.decode_record(e) for n, e in records.items() if n in EMBEDDINGS and n in params}
+    if sequential:
+        from occrt.converters.sequential import sequential_records
+
+        if not finetune.tunable(source.config):
+            raise ConversionError(f"--sequential: the torch model of a {source.config.architecture} model does not "
+                                  "hold the linear layers as occrt stores them")
+        records.update(sequential_records(
+            teacher, calibration.windows, fixed["model.embed_tokens.weight"],
+            encode=lambda t, h: policy.encode(t, hessian=h), decode=finetune.decode_record,
+            alpha=options.sequential, log=log))
+        log(f"sequential coding: {time.monotonic() - started:.1f} s")
     linear = {n: e for n, e in records.items() if policy.is_linear(n)}
     unknown = sorted(set(linear) - set(params))
     if unknown:
         raise ConversionError(f"--tune-steps: the torch model of a {source.config.architecture} model has no "
                               f"parameter {unknown[0]!r}")
-    fixed = {n: finetune.decode_record(e) for n, e in records.items() if n in EMBEDDINGS and n in params}
     linear = finetune.tune_scales(teacher, linear, fixed, calibration.windows, teacher_hidden=calibration.hidden,
                                   steps=options.tune_steps, lr=finetune.peak_rate(options.bpw),
                                   decay=finetune.decays(options.bpw), log=log)

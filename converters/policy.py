@@ -78,6 +78,9 @@ class CodingOptions:
     # finetune.DEFAULT_STEPS with --calib where the family's torch model has the linear layers as occrt stores them
     # (Llama, Mistral, Qwen, Gemma), else 0 (`for_source` decides)
     tune_steps: int | None = None
+    # with calib: code the linear layers in order from the coded model's own inputs (converters/sequential.py),
+    # with this share α of the correction for the layers below; None: from the source model's inputs
+    sequential: float | None = None
     chunk_size: int = ans.DEFAULT_CHUNK_SIZE
 
     def validate(self) -> None:
@@ -95,6 +98,8 @@ class CodingOptions:
             raise ConversionError("--tune-steps needs --calib (the tuning distils the source model on that text)")
         if self.tune_steps is not None and not 0 <= self.tune_steps <= 1 << 20:
             raise ConversionError(f"--tune-steps must be in [0, 1048576], got {self.tune_steps}")
+        if self.sequential is not None and (self.calib is None or not 0 <= self.sequential <= 1):
+            raise ConversionError(f"--sequential needs --calib and a share in [0, 1], got {self.sequential}")
         if self.quantizer not in QUANTIZERS:
             raise ConversionError(f"--quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.rotate is not None and self.rotate not in ROTATIONS:
@@ -238,7 +243,9 @@ class Policy:
         self.report["linear_params"] = sum(c.n_params for c in self.curves.values())
 
     # -- pass 2 -------------------------------------------------------------------------------------------------------
-    def encode(self, t: SourceTensor) -> Encoded:
+    def encode(self, t: SourceTensor, hessian: np.ndarray | None = None) -> Encoded:
+        """`t`'s record. `hessian`: the input second moments its error feedback weighs the error by, in place of the
+        calibration's (converters/sequential.py: the coded model's own inputs)."""
         if self.o.lossless:
             dtype = "f32" if t.dtype == "quantized" else t.dtype
             return PlanesCodec.encode(t.data if t.dtype != "quantized" else as_f32(t), dtype=dtype,
@@ -246,7 +253,9 @@ class Policy:
         if t.name in self.chosen:
             opts, step = self.chosen[t.name]
             frame = self._frame(as_f32(t), opts)
-            h = self.calibration.hessian_for(t.name) if self.calibration is not None else None
+            h = hessian
+            if h is None and self.calibration is not None:
+                h = self.calibration.hessian_for(t.name)
             u = None if h is None else self._feedback_factor(h, frame)
             if self.codec_id(t.name) == tcq.TcqCodec.id:
                 # the scalar step Δ the rate control chose, as a trellis on the fine grid δ = Δ/2 (same rate)

@@ -31,7 +31,7 @@ def _convert(args: argparse.Namespace) -> int:
     options = ConvertOptions(dtype=args.dtype, overwrite=args.force, bpw=args.bpw, lossless=args.lossless,
                              rotate=args.rotate, ranks=tuple(args.ranks), embed_bpw=args.embed_bpw,
                              seed=args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
-                             tune_steps=args.tune_steps, quantizer=args.quantizer)
+                             tune_steps=args.tune_steps, quantizer=args.quantizer, sequential=args.sequential)
     progress = _show_progress(args)
     log = (lambda msg: None) if args.quiet else None
     if args.json and not args.dry_run:
@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --calib: steps of end-to-end tuning of the step multipliers by distillation from the "
                         "source model (default: 32 with --calib for Llama, Mistral, Qwen and Gemma models, which "
                         "the tuning supports; 0 turns it off)")
+    c.add_argument("--sequential", type=float, default=None, metavar="ALPHA",
+                   help="with --calib: code the linear layers in order, each from the inputs the coded layers "
+                        "below give it, correcting share ALPHA (0 to 1) of their error (Llama, Mistral, Qwen, Gemma)")
     c.add_argument("--ranks", type=_rank_list, default=[0],
                    help="with --bpw: structural ranks the rate control may choose per tensor, e.g. 0,8,32 "
                         "(default: 0)")
