@@ -106,7 +106,31 @@ def _capture(layer, module, hidden, kwargs):
     finally:
         handle.remove()
     x = got[0]
-    return x.reshape(-1, x.shape[-1]).double()
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+def _run_capturing(layer, modules, hidden, kwargs):
+    """`layer`'s output on `hidden`, and the inputs (tokens, n_in) of `modules` (name -> module) on the way."""
+    got = {}
+    handles = [m.register_forward_pre_hook(
+        lambda mod, args, key=key: got.__setitem__(key, args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+        for key, m in modules.items()]
+    try:
+        return _run(layer, hidden, kwargs), got
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def corrected(w, h, c, alpha: float, damp: float = CORRECTION_DAMP):
+    """W + α W (C − Ĥ)(Ĥ + λI)⁻¹ (torch float64): at α = 1 and λ = 0 the least-squares solution of W' x̂ ≈ W x
+    given Ĥ = E[x̂ x̂ᵀ] and C = E[x x̂ᵀ]; λ is `damp` times Ĥ's mean diagonal."""
+    import torch
+
+    n = h.shape[0]
+    lam = damp * float(torch.diagonal(h).mean())
+    shift = torch.linalg.solve(h + lam * torch.eye(n, dtype=h.dtype), (c - h).T).T  # (C − Ĥ)(Ĥ + λI)⁻¹, Ĥ symmetric
+    return w + alpha * (w @ shift)
 
 
 def sequential_records(model, windows: list[list[int]], coded_embedding: np.ndarray,
@@ -126,7 +150,7 @@ def sequential_records(model, windows: list[list[int]], coded_embedding: np.ndar
     embedding = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(coded_embedding, dtype=np.float32)),
                                    requires_grad=False)
     calls = _layer_calls(model, layers, batches)
-    source_states = [h for h, _ in calls]
+    source_states = [h for h, _ in calls] if alpha else []  # the source model's side, needed for the correction
     coded_states = [h for h, _ in _layer_calls(model, layers, batches, embedding)]
     records: dict[str, object] = {}
     prefix = next(n for n, m in model.named_modules() if m is layers)
@@ -135,6 +159,11 @@ def sequential_records(model, windows: list[list[int]], coded_embedding: np.ndar
             modules = {s: layer.get_submodule(s) for _, group in STAGES for s in group}
             source_w = {s: m.weight.detach().clone() for s, m in modules.items()}
             coded_w: dict[str, torch.Tensor] = {}
+            source_x = []  # per batch: {first projection of a stage: its input in the source model}
+            for b, (_, kwargs) in enumerate(calls if alpha else []):  # one run of the source layer per batch
+                source_states[b], got = _run_capturing(layer, {f: modules[f] for f, _ in STAGES},
+                                                       source_states[b], kwargs[i])
+                source_x.append(got)
 
             def use(weights):
                 for s, w in weights.items():
@@ -145,40 +174,30 @@ def sequential_records(model, windows: list[list[int]], coded_embedding: np.ndar
                 h = torch.zeros(n_in, n_in, dtype=torch.float64)
                 c = torch.zeros_like(h) if alpha else None
                 for b, (_, kwargs) in enumerate(calls):
-                    kw = kwargs[i]
-                    x_hat = _capture(layer, modules[first], coded_states[b], kw)
-                    h += x_hat.T @ x_hat
+                    x_hat = _capture(layer, modules[first], coded_states[b], kwargs[i])
+                    h += (x_hat.T @ x_hat).double()
                     if alpha:
-                        use(source_w)
-                        x = _capture(layer, modules[first], source_states[b], kw)
-                        use(coded_w)
-                        c += x.T @ x_hat
-                        del x
+                        c += (source_x[b].pop(first).T @ x_hat).double()
                     del x_hat
                 h /= n_tokens
                 if alpha:
                     c /= n_tokens
-                    damp = CORRECTION_DAMP * float(torch.diagonal(h).mean())
-                    solve = torch.linalg.inv(h + damp * torch.eye(n_in, dtype=h.dtype))
-                    shift = (c - h) @ solve
                 hn = h.numpy()
                 for s in group:
                     w = source_w[s].double()
                     if alpha:
-                        w = w + alpha * (w @ shift)
+                        w = corrected(w, h, c, alpha)
                     name = f"{prefix}.{i}.{s}.weight"
                     records[name] = rec = encode(SourceTensor(name, w.float().numpy(), "f32"), hn)
                     coded_w[s] = torch.from_numpy(np.ascontiguousarray(decode(rec), dtype=np.float32))
                 use(coded_w)
             for b, (_, kwargs) in enumerate(calls):
                 coded_states[b] = _run(layer, coded_states[b], kwargs[i])
-            use(source_w)
-            for b, (_, kwargs) in enumerate(calls):
-                source_states[b] = _run(layer, source_states[b], kwargs[i])
             for s, m in modules.items():  # done with this layer's float weights
                 m.weight = torch.nn.Parameter(torch.empty(m.weight.shape, device="meta"), requires_grad=False)
-            gap = sum(float(((q - p) ** 2).sum()) for q, p in zip(coded_states, source_states))
-            norm = sum(float((p ** 2).sum()) for p in source_states)
-            log(f"sequential coding: layer {i + 1}/{len(layers)}, relative output error {gap / norm:.4f} "
-                f"({time.monotonic() - started:.0f} s)")
+            gap = ""
+            if alpha:
+                err = sum(float(((q - p) ** 2).sum()) for q, p in zip(coded_states, source_states))
+                gap = f", relative output error {err / sum(float((p ** 2).sum()) for p in source_states):.4f}"
+            log(f"sequential coding: layer {i + 1}/{len(layers)}{gap} ({time.monotonic() - started:.0f} s)")
     return records
