@@ -227,7 +227,8 @@ def _materialize_rotary(model, cfg: ModelConfig) -> None:
 
 
 def calibrate(source: Source, text: str | None, *, n_tokens: int = DEFAULT_TOKENS, ctx: int = 512, seed: int = 0,
-              log: Callable[[str], None] = lambda msg: None, heap: MallocThresholds | None = None) -> Calibration:
+              log: Callable[[str], None] = lambda msg: None, heap: MallocThresholds | None = None,
+              moments: bool = True) -> Calibration:
     """The windows: `text`'s tokens, or (text None) `sampled_windows` from the source model with `seed`. Then two
     passes over them, so the two statistics never share memory:
 
@@ -237,7 +238,8 @@ def calibrate(source: Source, text: str | None, *, n_tokens: int = DEFAULT_TOKEN
          only the layers' inputs are kept), each weight's gradient reduced to its Fisher value and dropped the moment
          it is complete: never the whole model's gradients at once.
     Peak: the float32 model plus one window's layer inputs and a slice of its logits. `heap`: glibc's malloc
-    thresholds as the command line installs them (converters/source.py): the gradient pass reuses the heap."""
+    thresholds as the command line installs them (converters/source.py): the gradient pass reuses the heap.
+    `moments=False`: pass 1 keeps only the last hidden states (sequential coding measures its own moments)."""
     started = time.monotonic()
     ctx = min(ctx, source.config.max_position_embeddings - 1)  # a window and its BOS fit the model's positions
     if text is not None:
@@ -246,7 +248,7 @@ def calibrate(source: Source, text: str | None, *, n_tokens: int = DEFAULT_TOKEN
     try:
         if text is None:
             windows = sampled_windows(model, source, n_tokens=n_tokens, ctx=ctx, seed=seed, log=log)
-        hessians, hidden = _second_moments(model, rules, windows, started, log)
+        hessians, hidden = _second_moments(model, rules if moments else [], windows, started, log)
         with heap_reuse(heap):
             fisher = _fisher(model, rules, windows, source.config, started, log)
     finally:

@@ -120,7 +120,9 @@ def prepare(source: Source, options: ConvertOptions, policy: Policy, log, progre
             except (OSError, UnicodeDecodeError) as e:
                 raise ConversionError(f"--calib {options.calib}: {e}") from None
         started = time.monotonic()
-        calibration = calibrate(source, text, n_tokens=options.calib_tokens, seed=options.seed, log=log, heap=heap)
+        # sequential coding measures the second moments itself, on the coded model
+        calibration = calibrate(source, text, n_tokens=options.calib_tokens, seed=options.seed, log=log, heap=heap,
+                                moments=not options.sequential)
         policy.use_calibration(calibration)
         log(f"calibration: {calibration.tokens} tokens in {time.monotonic() - started:.1f} s")
     if policy.two_pass:
@@ -163,7 +165,7 @@ def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, lo
         for key, value in file_metadata(source, options, policy).items():
             w.set_metadata(key, value)
         tuned = None
-        if options.tune_steps or options.sequential is not None:
+        if options.tune_steps or options.sequential:
             tuned = _tuned_records(source, expected, policy, options, log)
         log(f"writing {out}: {len(expected)} tensors")
         for t in checked_pass(source, expected, "encode", progress=progress):
@@ -206,7 +208,7 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
     # the source model's side of the distillation is the calibration's hidden states: the teacher's linear
     # weights are never needed, so they are not read (the codes stand in for them); sequential coding reads them
     # and releases each layer's once it is coded
-    sequential = options.sequential is not None
+    sequential = bool(options.sequential)
     teacher, _ = calibration_model(source, linear_weights=sequential)
     params = dict(teacher.named_parameters())
     records: dict[str, Any] = {}
@@ -223,7 +225,7 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
         records.update(sequential_records(
             teacher, calibration.windows, fixed["model.embed_tokens.weight"],
             encode=lambda t, h: policy.encode(t, hessian=h), decode=finetune.decode_record,
-            alpha=options.sequential, log=log))
+            alpha=options.correction, log=log))
         log(f"sequential coding: {time.monotonic() - started:.1f} s")
     linear = {n: e for n, e in records.items() if policy.is_linear(n)}
     unknown = sorted(set(linear) - set(params))

@@ -78,9 +78,10 @@ class CodingOptions:
     # finetune.DEFAULT_STEPS with --calib where the family's torch model has the linear layers as occrt stores them
     # (Llama, Mistral, Qwen, Gemma), else 0 (`for_source` decides)
     tune_steps: int | None = None
-    # with calib: code the linear layers in order from the coded model's own inputs (converters/sequential.py),
-    # with this share α of the correction for the layers below; None: from the source model's inputs
-    sequential: float | None = None
+    # with calib: code the linear layers in order, each from the coded model's own inputs (converters/sequential.py);
+    # None: the default, on with --calib where the tuning is supported (`for_source` decides)
+    sequential: bool | None = None
+    correction: float = 0.0  # with sequential: the share α of the layers below's error each layer is fitted to undo
     chunk_size: int = ans.DEFAULT_CHUNK_SIZE
 
     def validate(self) -> None:
@@ -98,8 +99,12 @@ class CodingOptions:
             raise ConversionError("--tune-steps needs --calib (the tuning distils the source model on that text)")
         if self.tune_steps is not None and not 0 <= self.tune_steps <= 1 << 20:
             raise ConversionError(f"--tune-steps must be in [0, 1048576], got {self.tune_steps}")
-        if self.sequential is not None and (self.calib is None or not 0 <= self.sequential <= 1):
-            raise ConversionError(f"--sequential needs --calib and a share in [0, 1], got {self.sequential}")
+        if self.sequential and self.calib is None:
+            raise ConversionError("--sequential on needs --calib (it codes from the coded model's inputs on that text)")
+        if not 0 <= self.correction <= 1:
+            raise ConversionError(f"--correction must be in [0, 1], got {self.correction}")
+        if self.correction and self.sequential is False:
+            raise ConversionError("--correction needs sequential coding (--sequential on, the default with --calib)")
         if self.quantizer not in QUANTIZERS:
             raise ConversionError(f"--quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.rotate is not None and self.rotate not in ROTATIONS:
@@ -111,12 +116,21 @@ class CodingOptions:
 
 
     def for_source(self, cfg) -> "CodingOptions":
-        """These options with the defaults that depend on the model settled (tune_steps None -> a number)."""
-        if self.tune_steps is not None:
-            return self
+        """These options with the defaults that depend on the model settled (tune_steps None -> a number,
+        sequential None -> on or off): both need the family's torch model to hold the linear layers as occrt stores
+        them."""
         from occrt.converters.finetune import DEFAULT_STEPS, tunable
 
-        return replace(self, tune_steps=DEFAULT_STEPS if self.calib is not None and tunable(cfg) else 0)
+        supported = self.calib is not None and tunable(cfg)
+        out = self
+        if self.tune_steps is None:
+            out = replace(out, tune_steps=DEFAULT_STEPS if supported else 0)
+        if self.sequential is None:
+            out = replace(out, sequential=supported)
+        if out.correction and not out.sequential:
+            raise ConversionError("--correction needs sequential coding, which needs --calib and a Llama, Mistral, "
+                                  "Qwen or Gemma model")
+        return out
 
 
 def as_f32(t: SourceTensor) -> np.ndarray:

@@ -31,7 +31,9 @@ def _convert(args: argparse.Namespace) -> int:
     options = ConvertOptions(dtype=args.dtype, overwrite=args.force, bpw=args.bpw, lossless=args.lossless,
                              rotate=args.rotate, ranks=tuple(args.ranks), embed_bpw=args.embed_bpw,
                              seed=args.seed, calib=args.calib, calib_tokens=args.calib_tokens,
-                             tune_steps=args.tune_steps, quantizer=args.quantizer, sequential=args.sequential)
+                             tune_steps=args.tune_steps, quantizer=args.quantizer,
+                             sequential=None if args.sequential is None else args.sequential == "on",
+                             correction=args.correction)
     progress = _show_progress(args)
     log = (lambda msg: None) if args.quiet else None
     if args.json and not args.dry_run:
@@ -305,9 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --calib: steps of end-to-end tuning of the step multipliers by distillation from the "
                         "source model (default: 32 with --calib for Llama, Mistral, Qwen and Gemma models, which "
                         "the tuning supports; 0 turns it off)")
-    c.add_argument("--sequential", type=float, default=None, metavar="ALPHA",
-                   help="with --calib: code the linear layers in order, each from the inputs the coded layers "
-                        "below give it, correcting share ALPHA (0 to 1) of their error (Llama, Mistral, Qwen, Gemma)")
+    c.add_argument("--sequential", choices=("on", "off"), default=None,
+                   help="with --calib: code the linear layers in the order the model runs them, each layer's error "
+                        "feedback weighted by the inputs the coded layers below give it (default: on with --calib "
+                        "for Llama, Mistral, Qwen and Gemma models; off: the source model's inputs)")
+    c.add_argument("--correction", type=float, default=0.0, metavar="ALPHA",
+                   help="with sequential coding: fit each layer to undo share ALPHA (0 to 1) of the error of the "
+                        "layers below on the calibration text (default: 0; on SmolLM2 0.5 overfitted alice29)")
     c.add_argument("--ranks", type=_rank_list, default=[0],
                    help="with --bpw: structural ranks the rate control may choose per tensor, e.g. 0,8,32 "
                         "(default: 0)")

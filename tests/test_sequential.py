@@ -127,15 +127,33 @@ def test_sequential_conversion_meets_the_target_and_decodes(tiny_llama_dir, tmp_
     calib.write_text(TEXT)
     out = str(tmp_path / "seq.occ")
     summary = convert(tiny_llama_dir, out, ConvertOptions(bpw=3.0, calib=str(calib), calib_tokens=256, tune_steps=2,
-                                                          sequential=0.5), log=lambda m: None)
+                                                          correction=0.5), log=lambda m: None)
     assert abs(summary["linear_bpw"] / 3.0 - 1) < 0.03
     m = occrt.load(out)
     logits = m.forward(np.asarray([1, 5, 9, 13]), m.new_cache(4), all_logits=True)
     assert np.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("options, message", [({"sequential": 0.5}, "--sequential needs --calib"),
-                                              ({"sequential": 1.5, "calib": "c.txt"}, r"share in \[0, 1\]")])
+@pytest.mark.parametrize("options, message", [
+    ({"sequential": True}, "--sequential on needs --calib"),
+    ({"correction": 1.5, "calib": "c.txt"}, r"--correction must be in \[0, 1\]"),
+    ({"correction": 0.5, "calib": "c.txt", "sequential": False}, "--correction needs sequential coding")])
 def test_sequential_needs_calibration_and_a_share(options, message):
     with pytest.raises(ConversionError, match=message):
         ConvertOptions(bpw=3.0, **options).validate()
+
+
+def test_sequential_coding_is_on_by_default_with_calibration_where_supported(tiny_llama_dir, tmp_path):
+    """Like the tuning: on with --calib for a family whose torch model holds the linear layers as occrt stores them,
+    off without --calib and for Phi-3 and GPT-2; a choice given is kept; a correction on a family that cannot code
+    sequentially is refused."""
+    from tests.test_families import make_family_dir
+
+    llama = open_source(tiny_llama_dir).config
+    assert ConvertOptions(bpw=3.0, calib="c.txt").for_source(llama).sequential is True
+    assert ConvertOptions(bpw=3.0).for_source(llama).sequential is False
+    assert ConvertOptions(bpw=3.0, calib="c.txt", sequential=False).for_source(llama).sequential is False
+    phi3 = open_source(make_family_dir(tmp_path / "phi3", "phi3")).config
+    assert ConvertOptions(bpw=3.0, calib="c.txt").for_source(phi3).sequential is False
+    with pytest.raises(ConversionError, match="--correction needs sequential coding"):
+        ConvertOptions(bpw=3.0, calib="c.txt", correction=0.5).for_source(phi3)
