@@ -219,9 +219,6 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
     if sequential:
         from occrt.converters.sequential import sequential_records
 
-        if not finetune.tunable(source.config):
-            raise ConversionError(f"--sequential: the torch model of a {source.config.architecture} model does not "
-                                  "hold the linear layers as occrt stores them")
         records.update(sequential_records(
             teacher, calibration.windows, fixed["model.embed_tokens.weight"],
             encode=lambda t, h: policy.encode(t, hessian=h), decode=finetune.decode_record,

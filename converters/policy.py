@@ -79,7 +79,7 @@ class CodingOptions:
     # (Llama, Mistral, Qwen, Gemma), else 0 (`for_source` decides)
     tune_steps: int | None = None
     # with calib: code the linear layers in order, each from the coded model's own inputs (converters/sequential.py);
-    # None: the default, on with --calib where the tuning is supported (`for_source` decides)
+    # None: the default, `sequential.by_default(bpw)` with --calib where the tuning is supported (`for_source`)
     sequential: bool | None = None
     correction: float = 0.0  # with sequential: the share α of the layers below's error each layer is fitted to undo
     chunk_size: int = ans.DEFAULT_CHUNK_SIZE
@@ -104,7 +104,7 @@ class CodingOptions:
         if not 0 <= self.correction <= 1:
             raise ConversionError(f"--correction must be in [0, 1], got {self.correction}")
         if self.correction and self.sequential is False:
-            raise ConversionError("--correction needs sequential coding (--sequential on, the default with --calib)")
+            raise ConversionError("--correction needs sequential coding (--sequential on)")
         if self.quantizer not in QUANTIZERS:
             raise ConversionError(f"--quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.rotate is not None and self.rotate not in ROTATIONS:
@@ -120,13 +120,17 @@ class CodingOptions:
         sequential None -> on or off): both need the family's torch model to hold the linear layers as occrt stores
         them."""
         from occrt.converters.finetune import DEFAULT_STEPS, tunable
+        from occrt.converters.sequential import by_default
 
         supported = self.calib is not None and tunable(cfg)
         out = self
         if self.tune_steps is None:
             out = replace(out, tune_steps=DEFAULT_STEPS if supported else 0)
         if self.sequential is None:
-            out = replace(out, sequential=supported)
+            out = replace(out, sequential=supported and by_default(self.bpw))
+        if out.sequential and not supported:
+            raise ConversionError("--sequential on needs --calib and a Llama, Mistral, Qwen or Gemma model (the "
+                                  "family's torch model must hold the linear layers as occrt stores them)")
         if out.correction and not out.sequential:
             raise ConversionError("--correction needs sequential coding, which needs --calib and a Llama, Mistral, "
                                   "Qwen or Gemma model")

@@ -38,6 +38,16 @@ BATCH_TOKENS = 4096  # tokens per layer call: bounds the activations (SmolLM2's 
 CORRECTION_DAMP = 0.01  # λ of the correction, as a fraction of Ĥ's mean diagonal
 
 
+def by_default(bpw: float | None) -> bool:
+    """Whether `--calib` codes sequentially when `--sequential` is not given, for a file of `bpw` bits per linear
+    weight: below 2.5 bits, where the layers below are far from exact. Measured on SmolLM2 with alice29 (enwiki
+    perplexity ratio, tuning after; seeds 0 and 1 of the rotations): at 2.0 bits 2.482 and 2.491 against 2.611 and
+    2.529; at 2.5 bits 1.606 and 1.558 against 1.568 and 1.580, and at 3.0 bits 1.251 and 1.273 (the same statistics
+    summed in float64 and in float32) against 1.257: no gain beyond what the seed alone moves. It costs ~60 s and
+    ~190 MB more (benchmarks/quality_results.md)."""
+    return bpw is not None and bpw < 2.5
+
+
 class _Stop(Exception):
     pass
 

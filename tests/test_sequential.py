@@ -127,7 +127,7 @@ def test_sequential_conversion_meets_the_target_and_decodes(tiny_llama_dir, tmp_
     calib.write_text(TEXT)
     out = str(tmp_path / "seq.occ")
     summary = convert(tiny_llama_dir, out, ConvertOptions(bpw=3.0, calib=str(calib), calib_tokens=256, tune_steps=2,
-                                                          correction=0.5), log=lambda m: None)
+                                                          sequential=True, correction=0.5), log=lambda m: None)
     assert abs(summary["linear_bpw"] / 3.0 - 1) < 0.03
     m = occrt.load(out)
     logits = m.forward(np.asarray([1, 5, 9, 13]), m.new_cache(4), all_logits=True)
@@ -143,17 +143,20 @@ def test_sequential_needs_calibration_and_a_share(options, message):
         ConvertOptions(bpw=3.0, **options).validate()
 
 
-def test_sequential_coding_is_on_by_default_with_calibration_where_supported(tiny_llama_dir, tmp_path):
-    """Like the tuning: on with --calib for a family whose torch model holds the linear layers as occrt stores them,
-    off without --calib and for Phi-3 and GPT-2; a choice given is kept; a correction on a family that cannot code
-    sequentially is refused."""
+def test_sequential_coding_is_chosen_by_rate_and_family(tiny_llama_dir, tmp_path):
+    """--sequential unset: `by_default(bpw)` with --calib on a family whose torch model holds the linear layers as
+    occrt stores them, off without --calib; a choice given is kept; on (or a correction) for Phi-3 is refused."""
+    from occrt.converters.sequential import by_default
     from tests.test_families import make_family_dir
 
     llama = open_source(tiny_llama_dir).config
-    assert ConvertOptions(bpw=3.0, calib="c.txt").for_source(llama).sequential is True
-    assert ConvertOptions(bpw=3.0).for_source(llama).sequential is False
-    assert ConvertOptions(bpw=3.0, calib="c.txt", sequential=False).for_source(llama).sequential is False
+    for bpw in (2.0, 3.0):
+        assert ConvertOptions(bpw=bpw, calib="c.txt").for_source(llama).sequential is by_default(bpw)
+        assert ConvertOptions(bpw=bpw).for_source(llama).sequential is False
+        assert ConvertOptions(bpw=bpw, calib="c.txt", sequential=True).for_source(llama).sequential is True
+        assert ConvertOptions(bpw=bpw, calib="c.txt", sequential=False).for_source(llama).sequential is False
     phi3 = open_source(make_family_dir(tmp_path / "phi3", "phi3")).config
     assert ConvertOptions(bpw=3.0, calib="c.txt").for_source(phi3).sequential is False
-    with pytest.raises(ConversionError, match="--correction needs sequential coding"):
-        ConvertOptions(bpw=3.0, calib="c.txt", correction=0.5).for_source(phi3)
+    for options in ({"sequential": True}, {"correction": 0.5}):
+        with pytest.raises(ConversionError, match="needs"):
+            ConvertOptions(bpw=3.0, calib="c.txt", **options).for_source(phi3)
