@@ -167,7 +167,6 @@ def sequential_records(model, windows: list[list[int]], coded_embedding: np.ndar
     with torch.no_grad():
         for i, layer in enumerate(layers):
             modules = {s: layer.get_submodule(s) for _, group in STAGES for s in group}
-            source_w = {s: m.weight.detach().clone() for s, m in modules.items()}
             coded_w: dict[str, torch.Tensor] = {}
             source_x = []  # per batch: {first projection of a stage: its input in the source model}
             for b, (_, kwargs) in enumerate(calls if alpha else []):  # one run of the source layer per batch
@@ -194,7 +193,7 @@ def sequential_records(model, windows: list[list[int]], coded_embedding: np.ndar
                     c /= n_tokens
                 hn = h.numpy()
                 for s in group:
-                    w = source_w[s].double()
+                    w = modules[s].weight.detach().double()  # still the source's: replaced once coded
                     if alpha:
                         w = corrected(w, h, c, alpha)
                     name = f"{prefix}.{i}.{s}.weight"
