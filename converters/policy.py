@@ -132,8 +132,8 @@ class CodingOptions:
             raise ConversionError("--sequential on needs --calib and a Llama, Mistral, Qwen or Gemma model (the "
                                   "family's torch model must hold the linear layers as occrt stores them)")
         if out.correction and not out.sequential:
-            raise ConversionError("--correction needs sequential coding, which needs --calib and a Llama, Mistral, "
-                                  "Qwen or Gemma model")
+            raise ConversionError("--correction needs sequential coding (--sequential on; the default with --calib "
+                                  "below 2.5 bits), which needs --calib and a Llama, Mistral, Qwen or Gemma model")
         return out
 
 

@@ -43,8 +43,9 @@ def by_default(bpw: float | None) -> bool:
     weight: below 2.5 bits, where the layers below are far from exact. Measured on SmolLM2 with alice29 (enwiki
     perplexity ratio, tuning after; seeds 0 and 1 of the rotations): at 2.0 bits 2.482 and 2.491 against 2.611 and
     2.529; at 2.5 bits 1.606 and 1.558 against 1.568 and 1.580, and at 3.0 bits 1.251 and 1.273 (the same statistics
-    summed in float64 and in float32) against 1.257: no gain beyond what the seed alone moves. It costs ~60 s and
-    ~190 MB more (benchmarks/quality_results.md)."""
+    summed in float64 and in float32) against 1.257: no gain beyond what the seed alone moves. On other text (enwiki's
+    last lines) the 2.0-bit gain held on the mean of the two seeds (2.7 %) but not for seed 1: about one run's
+    spread. It costs ~60 s and ~190 MB more (benchmarks/quality_results.md)."""
     return bpw is not None and bpw < 2.5
 
 
