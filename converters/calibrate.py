@@ -18,8 +18,10 @@ H matrices (one n_in × n_in matrix per input space) wait in a temporary directo
 """
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
+import itertools
 import os
 import re
 import shutil
@@ -46,6 +48,10 @@ _SAMPLE_CACHE_BYTES = 400 << 20
 # tensor name suffix -> input space suffix (projections reading the same activation share one H)
 _SPACE = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
           "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in", "mlp.down_proj": "down_in"}
+# decoder-layer passes between two hand-backs of the heap's free pages while checkpointed layers reuse it: in
+# tuning steps on SmolLM2 (30 layers) every 5 or 10 gave the same peak, 70-130 MB above the streaming setting's,
+# and without trims it was ~500 MB above
+TRIM_EVERY = 10
 _LINEAR = re.compile(r"(model\.layers\.\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight")
 
 
@@ -249,8 +255,7 @@ def calibrate(source: Source, text: str | None, *, n_tokens: int = DEFAULT_TOKEN
         if text is None:
             windows = sampled_windows(model, source, n_tokens=n_tokens, ctx=ctx, seed=seed, log=log)
         hessians, hidden = _second_moments(model, rules if moments else [], windows, started, log)
-        with heap_reuse(heap):
-            fisher = _fisher(model, rules, windows, source.config, started, log)
+        fisher = _fisher(model, rules, windows, source.config, started, log, heap)
     finally:
         del model
         gc.collect()  # transformers' modules hold reference cycles: free the float32 model before coding starts
@@ -319,18 +324,39 @@ def _decoder_layers(model, n_layers: int):
 
 
 @contextmanager
-def checkpointed_layers(model, n_layers: int):
+def checkpointed_layers(model, n_layers: int, heap: MallocThresholds | None = None):
     """Within: each decoder layer of `model` (a transformers causal LM) is checkpointed: its activations are
     recomputed in the backward pass, so a forward keeps only the layers' inputs. Call the model with
-    use_cache=False (a cache would grow in the recomputation)."""
+    use_cache=False (a cache would grow in the recomputation).
+
+    `heap` (glibc's malloc thresholds, converters/source.py): within, the heap is reused (`heap.reuse()`: a layer's
+    activations of a few MiB are not mapped and faulted in anew each time) and its free pages are handed back every
+    TRIM_EVERY layer passes (after a layer's forward, and as its backward begins). Without the trims the heap's
+    free blocks stay resident: fragmented by the layers' mix of sizes, it held ~550 MB more than the live tensors
+    in a tuning step on SmolLM2 (benchmarks/quality_results.md, "Where a calibrated conversion's time went")."""
     from torch.utils.checkpoint import checkpoint
 
     layers = _decoder_layers(model, n_layers)
+    passes = itertools.count(1)
+
+    def layer_pass(*_):  # a forward hook's and a gradient hook's signature; returns None: the gradient unchanged
+        if next(passes) % TRIM_EVERY == 0:
+            heap.trim()
+
+    def forward(*args, plain, **kwargs):
+        out = checkpoint(plain, *args, use_reentrant=False, **kwargs)
+        if heap is not None:
+            layer_pass()
+            first = out[0] if isinstance(out, tuple) else out  # the layer's hidden states
+            if first.requires_grad:
+                first.register_hook(layer_pass)  # runs as the layer's backward begins
+        return out
+
     for layer in layers:  # an instance attribute over the class's method; deleted afterwards (no reference cycle)
-        layer.forward = lambda *a, plain=type(layer).forward.__get__(layer), **kw: checkpoint(
-            plain, *a, use_reentrant=False, **kw)
+        layer.forward = functools.partial(forward, plain=type(layer).forward.__get__(layer))
     try:
-        yield
+        with heap_reuse(heap):
+            yield
     finally:
         for layer in layers:
             del layer.forward
@@ -368,7 +394,8 @@ def backward_through_head(hidden, loss, chunk: int = HEAD_CHUNK) -> float:
     return total
 
 
-def _fisher(model, rules, windows, cfg: ModelConfig, started, log) -> dict[str, float]:
+def _fisher(model, rules, windows, cfg: ModelConfig, started, log,
+            heap: MallocThresholds | None = None) -> dict[str, float]:
     import torch
 
     from occrt.converters.architectures import hf_mapper
@@ -395,7 +422,7 @@ def _fisher(model, rules, windows, cfg: ModelConfig, started, log) -> dict[str, 
         return torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
 
     try:
-        with checkpointed_layers(model, cfg.num_hidden_layers):
+        with checkpointed_layers(model, cfg.num_hidden_layers, heap):
             for k, window in enumerate(windows):
                 ids = torch.tensor([window])
                 hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]

@@ -166,7 +166,7 @@ def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, lo
             w.set_metadata(key, value)
         tuned = None
         if options.tune_steps or options.sequential:
-            tuned = _tuned_records(source, expected, policy, options, log)
+            tuned = _tuned_records(source, expected, policy, options, log, heap)
         log(f"writing {out}: {len(expected)} tensors")
         for t in checked_pass(source, expected, "encode", progress=progress):
             enc = policy.encode(t) if tuned is None else tuned.pop(t.name)
@@ -194,7 +194,7 @@ def _write(source: Source, out: str, options: ConvertOptions, policy: Policy, lo
 
 
 def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy: Policy, options: ConvertOptions,
-                   log) -> dict[str, Any]:
+                   log, heap: MallocThresholds | None = None) -> dict[str, Any]:
     """--tune-steps: code every tensor first (records held in memory: the compressed model), then fit the linear
     layers' step multipliers by distillation from the source (converters/finetune.py)."""
     from occrt.converters.calibrate import calibration_model
@@ -210,7 +210,7 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
     # and releases each layer's once it is coded
     sequential = bool(options.sequential)
     teacher, _ = calibration_model(source, linear_weights=sequential)
-    params = dict(teacher.named_parameters())
+    params = {name for name, _ in teacher.named_parameters()}  # names only: sequential coding releases the weights
     records: dict[str, Any] = {}
     for t in _checked_tensors(source, expected):
         if not (sequential and policy.is_linear(t.name)):
@@ -225,13 +225,13 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
             alpha=options.correction, log=log))
         log(f"sequential coding: {time.monotonic() - started:.1f} s")
     linear = {n: e for n, e in records.items() if policy.is_linear(n)}
-    unknown = sorted(set(linear) - set(params))
+    unknown = sorted(set(linear) - params)
     if unknown:
         raise ConversionError(f"--tune-steps: the torch model of a {source.config.architecture} model has no "
                               f"parameter {unknown[0]!r}")
     linear = finetune.tune_scales(teacher, linear, fixed, calibration.windows, teacher_hidden=calibration.hidden,
                                   steps=options.tune_steps, lr=finetune.peak_rate(options.bpw),
-                                  decay=finetune.decays(options.bpw), log=log)
+                                  decay=finetune.decays(options.bpw), log=log, heap=heap)
     records.update(linear)
     log(f"tuning: {len(linear)} tensors in {time.monotonic() - started:.1f} s")
     return records

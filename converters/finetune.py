@@ -36,6 +36,7 @@ from occrt.codecs.ecsq import EcsqCodec, Layout, to_f16
 from occrt.codecs.registry import codec_for
 from occrt.codecs.tcq import TcqCodec
 from occrt.codecs.rotation import RotationSpec
+from occrt.converters.source import MallocThresholds
 
 DEFAULT_STEPS = 32
 DEFAULT_LR = 3e-3  # Adam on the log-multipliers, the peak of the schedule at 3 bits (benchmarks/quality_results.md)
@@ -227,7 +228,8 @@ class Student:
 
 def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarray], windows: list[list[int]], *,
                 teacher_hidden: list[np.ndarray], steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
-                decay: bool = True, log: Callable[[str], None] = lambda msg: None) -> dict[str, Encoded]:
+                decay: bool = True, log: Callable[[str], None] = lambda msg: None,
+                heap: MallocThresholds | None = None) -> dict[str, Encoded]:
     """Fit the multipliers of `records` (ecsq, name -> record, HF parameter names of `teacher`) so the coded model's
     next-token distributions follow `teacher`'s on `windows`.
 
@@ -237,7 +239,8 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
     left on the meta device (converters/calibrate.calibration_model), since `teacher_hidden` holds the source model's
     last hidden states (T, d) per window (the calibration's second-moment pass computes them).
     Memory: the teacher's other tensors, the codes as small integers, the hidden states, the layers' inputs
-    (checkpointed layers) and one slice of logits at a time (converters/calibrate.py's helpers)."""
+    (checkpointed layers) and one slice of logits at a time (converters/calibrate.py's helpers). `heap`: glibc's
+    malloc thresholds as the command line installs them: the steps reuse the heap (`checkpointed_layers`)."""
     import torch
 
     from occrt.converters.calibrate import backward_through_head, checkpointed_layers, head_logits
@@ -261,7 +264,7 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
 
     first = last = None
     with Student(teacher, records, fixed) as student, \
-            checkpointed_layers(teacher, teacher.config.num_hidden_layers):
+            checkpointed_layers(teacher, teacher.config.num_hidden_layers, heap):
         optimizer = torch.optim.Adam(student.parameters(), lr=lr)
         student.set(True)
         for step in range(steps):

@@ -90,12 +90,13 @@ class MallocThresholds:
       float32 tensors and torch buffers fragments the heap: on SmolLM2 with --calib the peak was 1.48 GB with
       glibc's default and 1.13 GB with this (benchmarks/quality_results.md).
     - `reuse()`: up to 4 MiB from the heap, whose freed blocks are used again; on the way out the streaming
-      threshold comes back and `malloc_trim` hands the heap's free pages to the kernel. For a pass that allocates
-      the same activation sizes window after window: with a fresh mapping for each (512 tokens x 1536 float32 is
-      3 MiB), every page is faulted in and zeroed anew. The calibration's gradient pass uses it (SmolLM2, 8 windows
-      of 512 tokens: 34-40 s instead of 52 s, its peak 1.27 GB instead of 1.13 GB, under the sampling's). The
-      tuning does not: its steps were 4.7-5.6 s instead of 7.5-10 s, but the heap kept ~500 MB more (peak 1.6 GB
-      with 2 or 4 MiB, 1.8 GB with 32 MiB, against 1.08 GB streaming: over issue 5's memory goal)."""
+      threshold comes back and `trim` (`malloc_trim`) hands the heap's free pages to the kernel. For a pass that
+      allocates the same activation sizes window after window: with a fresh mapping for each (512 tokens x 1536
+      float32 is 3 MiB), every page is faulted in and zeroed anew. Left alone, the reused heap fragments (the
+      layers' mix of sizes) and keeps ~550 MB of free blocks resident in a tuning step on SmolLM2 (peak 1.6 GB
+      against 1.08 GB streaming, over issue 5's memory goal), so the passes that reuse it, the calibration's
+      gradients and the tuning (converters/calibrate.py, `checkpointed_layers`), also trim every few layers: a
+      tuning step 5.5 s instead of 9.3 s, its peak ~130 MB above streaming (benchmarks/quality_results.md)."""
 
     STREAMING = 256 << 10
     REUSE = 4 << 20
@@ -124,12 +125,17 @@ class MallocThresholds:
 
     @contextmanager
     def reuse(self):
+        self.trim()  # start from the pages in use: what an earlier pass freed in the heap is not kept resident
         self._set(self.REUSE)
         try:
             yield
         finally:
             self._set(self.STREAMING)
-            self._libc.malloc_trim(0)
+            self.trim()
+
+    def trim(self) -> None:
+        """Hand the heap's free pages back to the kernel (its free blocks stay free blocks, faulted in again on use)."""
+        self._libc.malloc_trim(0)
 
 
 def heap_reuse(heap: MallocThresholds | None):

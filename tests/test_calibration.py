@@ -81,6 +81,72 @@ def test_heap_reuse_leaves_the_statistics_alone(tiny_llama_dir):
         assert heap._set(MallocThresholds.STREAMING)
 
 
+def test_checkpointed_layers_trim_the_reused_heap_each_layer_pass(tiny_llama_dir, monkeypatch):
+    """With a heap, checkpointed layers reuse it and hand its free pages back every TRIM_EVERY layer passes, after
+    each layer's forward and as its backward begins; the gradients are those without a heap, and the layers are
+    restored afterwards."""
+    import contextlib
+
+    import torch
+
+    from occrt.converters import calibrate as cal
+
+    class CountingHeap:  # stands in for MallocThresholds: records what checkpointed_layers asks of glibc
+        def __init__(self):
+            self.trims, self.reusing = 0, False
+
+        @contextlib.contextmanager
+        def reuse(self):
+            self.reusing = True
+            try:
+                yield
+            finally:
+                self.reusing = False
+
+        def trim(self):
+            assert self.reusing
+            self.trims += 1
+
+    model, _ = cal.calibration_model(open_source(tiny_llama_dir))
+    n = model.config.num_hidden_layers
+    layers = cal._decoder_layers(model, n)
+
+    def gradients(heap):
+        model.zero_grad(set_to_none=True)
+        with cal.checkpointed_layers(model, n, heap):
+            model(input_ids=torch.tensor([IDS]), use_cache=False).logits.square().mean().backward()
+        assert all("forward" not in vars(layer) for layer in layers)
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = gradients(None)
+    monkeypatch.setattr(cal, "TRIM_EVERY", 1)
+    heap = CountingHeap()
+    trimmed = gradients(heap)
+    assert heap.trims == 2 * n and not heap.reusing
+    assert all(torch.equal(a, b) for a, b in zip(plain, trimmed))
+    monkeypatch.setattr(cal, "TRIM_EVERY", 2 * n)
+    heap = CountingHeap()
+    gradients(heap)
+    assert heap.trims == 1
+
+
+def test_heap_reuse_leaves_the_tuned_file_alone(tiny_llama_dir, calib_file, tmp_path):
+    """The tuning's steps reuse glibc's heap when the command line installs its thresholds: the same file byte
+    for byte."""
+    import hashlib
+
+    from occrt.converters.source import MallocThresholds
+
+    heap = MallocThresholds.install()
+    digests = []
+    for k, h in enumerate((None, heap)):
+        out = tmp_path / f"{k}.occ"
+        convert(tiny_llama_dir, str(out), ConvertOptions(bpw=3.0, calib=calib_file, calib_tokens=256, tune_steps=3),
+                log=lambda m: None, heap=h)
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
 def test_second_moments_match_the_model(tiny_llama_dir, tiny_occ):
     source = open_source(tiny_llama_dir)
     cal = calibrate(source, TEXT, n_tokens=200, ctx=64)

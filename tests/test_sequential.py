@@ -134,6 +134,37 @@ def test_sequential_conversion_meets_the_target_and_decodes(tiny_llama_dir, tmp_
     assert np.isfinite(logits).all()
 
 
+def test_the_source_weights_are_released_before_the_tuning(tiny_llama_dir, tmp_path, monkeypatch):
+    """Sequential coding reads each linear weight from the torch model and releases it once coded: when the tuning
+    starts nothing holds any of them (a conversion kept them all alive through the tuning until 2026-11-30:
+    ~400 MB on SmolLM2)."""
+    import gc
+    import weakref
+
+    from occrt.converters import finetune, sequential
+
+    weights, alive = [], []
+    real_sequential, real_tune = sequential.sequential_records, finetune.tune_scales
+
+    def spy_sequential(model, *args, **kwargs):
+        weights.extend(weakref.ref(m.weight) for name, m in model.named_modules() if name.endswith("_proj"))
+        return real_sequential(model, *args, **kwargs)
+
+    def spy_tune(*args, **kwargs):
+        gc.collect()
+        alive.extend(ref for ref in weights if ref() is not None)
+        return real_tune(*args, **kwargs)
+
+    monkeypatch.setattr(sequential, "sequential_records", spy_sequential)
+    monkeypatch.setattr(finetune, "tune_scales", spy_tune)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    convert(tiny_llama_dir, str(tmp_path / "seq.occ"), ConvertOptions(bpw=3.0, calib=str(calib), calib_tokens=256,
+                                                                      tune_steps=1, sequential=True),
+            log=lambda m: None)
+    assert len(weights) == 7 * 2 and not alive  # the tiny model: 2 layers of 7 projections
+
+
 @pytest.mark.parametrize("options, message", [
     ({"sequential": True}, "--sequential on needs --calib"),
     ({"correction": 1.5, "calib": "c.txt"}, r"--correction must be in \[0, 1\]"),
