@@ -333,7 +333,7 @@ def checkpointed_layers(model, n_layers: int, heap: MallocThresholds | None = No
     activations of a few MiB are not mapped and faulted in anew each time) and its free pages are handed back every
     TRIM_EVERY layer passes (after a layer's forward, and as its backward begins). Without the trims the heap's
     free blocks stay resident: fragmented by the layers' mix of sizes, it held ~550 MB more than the live tensors
-    in a tuning step on SmolLM2 (benchmarks/quality_results.md, "Where a calibrated conversion's time went")."""
+    in a tuning step on SmolLM2 (benchmarks/quality_results.md, "The tuning's heap, trimmed")."""
     from torch.utils.checkpoint import checkpoint
 
     layers = _decoder_layers(model, n_layers)
