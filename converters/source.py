@@ -96,7 +96,7 @@ class MallocThresholds:
       layers' mix of sizes) and keeps ~550 MB of free blocks resident in a tuning step on SmolLM2 (peak 1.6 GB
       against 1.08 GB streaming, over issue 5's memory goal), so the passes that reuse it, the calibration's
       gradients and the tuning (converters/calibrate.py, `checkpointed_layers`), also trim every few layers: a
-      tuning step 5.5 s instead of 9.3 s, its peak ~130 MB above streaming (benchmarks/quality_results.md)."""
+      tuning step 5.6 s instead of 9.3 s, its peak ~130 MB above streaming (benchmarks/quality_results.md)."""
 
     STREAMING = 256 << 10
     REUSE = 4 << 20
