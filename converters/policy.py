@@ -54,6 +54,12 @@ FEEDBACK_DAMP = 0.1
 # no weighting 1.50; a per-tensor Fisher from a few thousand tokens is noisy, and shrinking it toward equal weights
 # pays. Without error feedback (plain rounding) power 1 gave 1.76 and 0.5 gave 1.88, against 2.04 unweighted.
 SENSITIVITY_POWER = 0.5
+# With the end-to-end tuning after coding (--tune-steps, the default with --calib) the weighting shrinks further: the
+# tuning's multipliers absorb much of the attention projections' error (SmolLM2 at 3 bpw, alice29, tuned: coding only
+# q, k, v or o moves enwiki perplexity by < 0.6 %, only gate, up or down by 6-8 %), while their Fisher is the largest
+# (v's ~12x the geometric mean). Enwiki perplexity ratio, seeds 0 / 1: power 0.5 gave 1.257 / 1.255, 0.25 gave
+# 1.225 / 1.242, 0 gave 1.283 (seed 0) (benchmarks/quality_results.md, "Which design choices moved the curve").
+TUNED_SENSITIVITY_POWER = 0.25
 _LINEAR = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight")
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
 # input spaces: projections reading the same activation share the input rotation's seed (the runtime rotates once)
@@ -168,10 +174,12 @@ class Policy:
         self._fisher_scale = float(np.exp(np.mean(np.log(values)))) if values else 1.0
 
     def importance(self, name: str) -> float:
-        """Weight of tensor `name`'s squared error in the allocation: (F_t / geometric mean F) ** SENSITIVITY_POWER."""
+        """Weight of tensor `name`'s squared error in the allocation: (F_t / geometric mean F) ** SENSITIVITY_POWER,
+        or ** TUNED_SENSITIVITY_POWER where the tuning follows the coding."""
         if self.calibration is None or name not in self.calibration.fisher:
             return 1.0
-        return max(self.calibration.fisher[name] / self._fisher_scale, 1e-12) ** SENSITIVITY_POWER
+        power = TUNED_SENSITIVITY_POWER if self.o.tune_steps else SENSITIVITY_POWER  # None (not settled): untuned
+        return max(self.calibration.fisher[name] / self._fisher_scale, 1e-12) ** power
 
     def codec_id(self, name: str) -> int:
         """The lossy codec a tensor the rate control codes gets: tcq for the linear layers with --quantizer trellis,

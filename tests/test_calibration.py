@@ -492,3 +492,21 @@ def test_the_tuning_rate_halves_per_bit_above_three(tiny_llama_dir, calib_file, 
     assert peaks == pytest.approx([finetune.DEFAULT_LR, finetune.DEFAULT_LR / 2])
     assert finetune.peak_rate(2.0) == finetune.DEFAULT_LR
     assert finetune.decays(2.5) and not finetune.decays(2.0)
+
+
+def test_the_tuning_shrinks_the_sensitivity_weighting():
+    """Each tensor's squared error is weighted by (F_t / geometric mean F) ** power in the allocation; the power is
+    smaller when the end-to-end tuning follows the coding (its multipliers absorb much of the attention layers'
+    error, whose Fisher is the largest), and an unsettled tune_steps (None) counts as untuned."""
+    from occrt.converters.calibrate import Calibration
+    from occrt.converters.policy import SENSITIVITY_POWER, TUNED_SENSITIVITY_POWER, CodingOptions, Policy
+
+    v, up = "model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    cal = Calibration(tokens=64, hessians={}, fisher={v: 16.0, up: 1.0})
+    assert 0 < TUNED_SENSITIVITY_POWER < SENSITIVITY_POWER
+    for steps, power in ((0, SENSITIVITY_POWER), (None, SENSITIVITY_POWER), (32, TUNED_SENSITIVITY_POWER)):
+        policy = Policy(CodingOptions(bpw=3.0, calib="calib.txt", tune_steps=steps))
+        policy.use_calibration(cal)
+        assert policy.importance(v) == pytest.approx(4.0 ** power)  # the geometric mean of 16 and 1 is 4
+        assert policy.importance(up) == pytest.approx(0.25 ** power)
+        assert policy.importance("model.layers.1.mlp.up_proj.weight") == 1.0  # no Fisher: unweighted
