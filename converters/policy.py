@@ -58,7 +58,7 @@ SENSITIVITY_POWER = 0.5
 # tuning's multipliers absorb much of the attention projections' error (SmolLM2 at 3 bpw, alice29, tuned: coding only
 # q, k, v or o moves enwiki perplexity by < 0.6 %, only gate, up or down by 6-8 %), while their Fisher is the largest
 # (v's ~12x the geometric mean). Enwiki perplexity ratio, seeds 0 / 1: power 0.5 gave 1.257 / 1.255, 0.25 gave
-# 1.225 / 1.242, 0 gave 1.283 (seed 0) (benchmarks/quality_results.md, "Which design choices moved the curve").
+# 1.225 / 1.242, 0 gave 1.283 (seed 0) (benchmarks/quality_results.md, "Where the loss sits").
 TUNED_SENSITIVITY_POWER = 0.25
 _LINEAR = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight")
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
