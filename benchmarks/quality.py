@@ -176,6 +176,7 @@ def main() -> None:
         calib = WORK / f"calib_lines_{first}_{last}.txt"
         calib.write_text("\n".join(text.split("\n")[first - 1:last]) + "\n", encoding="utf-8")
         label = f"occrt --calib {os.path.basename(a.text)} lines {first}-{last}"
+        label += a.calib_flags and f" {a.calib_flags}"  # a family of its own in the plot
         configs.append((label, ["--calib", str(calib), *a.calib_flags.split()]))
     for extra in a.extra:
         label, _, flags = extra.partition("=")
