@@ -186,7 +186,8 @@ def main() -> None:
             out = str(WORK / f"occ_{label.replace(' ', '_').replace('-', '')}_{bpw}.occ")
             achieved, seconds, peak = convert(gguf_path, out, ["--bpw", str(bpw), *flags])
             p = evaluate(out, ids, a.ctx)
-            rows.append({"method": label, "flags": " ".join(["--bpw", str(bpw), *flags]), "bpw": achieved,
+            shown = " ".join(["--bpw", str(bpw), *flags]).replace(str(WORK), "benchmarks/_work")  # not this machine's
+            rows.append({"method": label, "flags": shown, "bpw": achieved,
                          "ppl": p, "convert_s": seconds, "convert_peak_mb": peak, "family": label,
                          "bytes": os.path.getsize(out)})
             log(f"{label} {bpw}: bpw {achieved:.4f} ppl {p:.3f} ratio {p / ref_ppl:.3f} ({seconds:.0f} s, "
