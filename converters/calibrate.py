@@ -9,7 +9,8 @@ the source model writes itself (`--calib self`: `sampled_windows`, no calibratio
     loss's sensitivity to t's weight error, used to weight each tensor's distortion in the rate allocation
     (ΔL ≈ ½ Σ F_ij e_ij², so D_t = F_t ‖E_t‖²; equal slopes then scale t's step by 1/√F_t).
 
-H comes from a forward pass and F from a forward and backward pass per window of a float32 copy of the model in torch (transformers'
+H comes from a forward pass per window and F from a forward and backward pass per window (of at most
+FISHER_TOKENS tokens' worth, `fisher_windows`) of a float32 copy of the model in torch (transformers'
 implementation of the family, `AutoModelForCausalLM` on the config an export would write, its tensors put back in the
 family's layout by the converter's rules: Phi-3's fused q/k/v, GPT-2's Conv1D) -- conversion may use torch; the
 runtime never does. A fused module's input is the input space of all its parts, and its gradient splits into the
@@ -40,6 +41,12 @@ from occrt.errors import ConversionError
 from occrt.model.config import ModelConfig
 
 DEFAULT_TOKENS = 8192
+# tokens the gradient pass reads at most (windows spread evenly over the calibration's): the Fisher is one figure
+# per tensor, and only its ratios across tensors steer the allocation, so 8,192 tokens settle it, while the second
+# moments and the tuning keep gaining from more text of the right kind (benchmarks/quality_results.md, "Calibration
+# text of the evaluation's kind"); the gradient pass costs twice the moments' time per token (~3 s per 512-token
+# window of SmolLM2 on 2 cores), two thirds of a calibration when it read every window
+FISHER_TOKENS = 8192
 SELF = "self"  # `--calib self`: the calibration windows are sampled from the source model (a file named self: ./self)
 # bytes of key/value cache while sampling windows together (--calib self): one window a step reads every weight
 # for one token, so as many windows as fit share each read; 16 windows of 512 tokens on SmolLM2 (~0.15 s a step
@@ -61,8 +68,10 @@ class Calibration:
     hessians: Mapping[str, np.ndarray]  # "model.layers.{i}.{space}" -> (n_in, n_in) float64, E[x xᵀ]
     fisher: dict[str, float]  # tensor name -> mean squared gradient of its entries
     windows: list[list[int]] = field(default_factory=list)  # the token windows the statistics came from
-    # the source model's last hidden states (T, d) float32 per window, from the second-moment pass: the teacher's
-    # side of the tuning (converters/finetune.py), so the tuning needs no float32 copy of the linear weights
+    # the windows the tuning reads (converters/finetune.py), spread over `windows` (all of them unless `calibrate`
+    # was asked for fewer), and the source model's last hidden states (T, d) float32 on each, from the
+    # second-moment pass: the teacher's side of the tuning, so it needs no float32 copy of the linear weights
+    tuning: list[list[int]] = field(default_factory=list)
     hidden: list[np.ndarray] = field(default_factory=list)
 
     def hessian_for(self, tensor_name: str) -> np.ndarray | None:
@@ -234,18 +243,21 @@ def _materialize_rotary(model, cfg: ModelConfig) -> None:
 
 def calibrate(source: Source, text: str | None, *, n_tokens: int = DEFAULT_TOKENS, ctx: int = 512, seed: int = 0,
               log: Callable[[str], None] = lambda msg: None, heap: MallocThresholds | None = None,
-              moments: bool = True) -> Calibration:
+              moments: bool = True, tuning_windows: int | None = None) -> Calibration:
     """The windows: `text`'s tokens, or (text None) `sampled_windows` from the source model with `seed`. Then two
     passes over them, so the two statistics never share memory:
 
       1. forward only (no graph, windows batched): each call's xᵀx for every input space added to a float32 file in
          a temporary directory (`SpilledArrays`: read back one matrix at a time when a tensor is coded);
-      2. forward and backward, each decoder layer checkpointed (its activations recomputed in the backward pass, so
-         only the layers' inputs are kept), each weight's gradient reduced to its Fisher value and dropped the moment
-         it is complete: never the whole model's gradients at once.
+      2. forward and backward over `fisher_windows(windows)` (at most FISHER_TOKENS tokens), each decoder layer
+         checkpointed (its activations recomputed in the backward pass, so only the layers' inputs are kept), each
+         weight's gradient reduced to its Fisher value and dropped the moment it is complete: never the whole
+         model's gradients at once.
     Peak: the float32 model plus one window's layer inputs and a slice of its logits. `heap`: glibc's malloc
     thresholds as the command line installs them (converters/source.py): the gradient pass reuses the heap.
-    `moments=False`: pass 1 keeps only the last hidden states (sequential coding measures its own moments)."""
+    `moments=False`: pass 1 keeps only the last hidden states (sequential coding measures its own moments).
+    `tuning_windows`: how many windows the tuning will read (one a step); pass 1 keeps the last hidden states of
+    that many, `spread` over the windows (None: all), so their memory does not grow with `n_tokens`."""
     started = time.monotonic()
     ctx = min(ctx, source.config.max_position_embeddings - 1)  # a window and its BOS fit the model's positions
     if text is not None:
@@ -254,13 +266,32 @@ def calibrate(source: Source, text: str | None, *, n_tokens: int = DEFAULT_TOKEN
     try:
         if text is None:
             windows = sampled_windows(model, source, n_tokens=n_tokens, ctx=ctx, seed=seed, log=log)
-        hessians, hidden = _second_moments(model, rules if moments else [], windows, started, log)
-        fisher = _fisher(model, rules, windows, source.config, started, log, heap)
+        keep = spread(len(windows), tuning_windows)
+        hessians, hidden = _second_moments(model, rules if moments else [], windows, set(keep), started, log)
+        fisher = _fisher(model, rules, fisher_windows(windows, FISHER_TOKENS), source.config, started, log, heap)
     finally:
         del model
         gc.collect()  # transformers' modules hold reference cycles: free the float32 model before coding starts
     return Calibration(tokens=sum(len(w) for w in windows), hessians=hessians, fisher=fisher, windows=windows,
-                       hidden=hidden)
+                       tuning=[windows[i] for i in keep], hidden=hidden)
+
+
+def spread(n: int, k: int | None) -> list[int]:
+    """`k` indices of `n` items spread evenly from the first to the last (all `n` when k is None or >= n; at
+    least one when n > 0)."""
+    if k is None or k >= n:
+        return list(range(n))
+    k = max(1, k)
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def fisher_windows(windows: list[list[int]], n_tokens: int = FISHER_TOKENS) -> list[list[int]]:
+    """The windows the gradient pass reads: all of them when they hold at most `n_tokens` tokens, else as many as
+    hold about that many, `spread` over the calibration's."""
+    total = sum(len(w) for w in windows)
+    if total <= n_tokens:
+        return windows
+    return [windows[i] for i in spread(len(windows), round(len(windows) * n_tokens / total))]
 
 
 def _space_modules(model, rules) -> dict[str, object]:
@@ -276,10 +307,12 @@ HEAD_CHUNK = 128  # positions per slice of logits in the gradient pass
 _MOMENT_BATCH_TOKENS = 2048  # windows per forward call in the second-moment pass: bounds its activations
 
 
-def _second_moments(model, rules, windows, started, log) -> tuple["SpilledArrays", list[np.ndarray]]:
+def _second_moments(model, rules, windows, keep: set[int], started,
+                    log) -> tuple["SpilledArrays", list[np.ndarray]]:
     """E[x xᵀ] per input space, through the base model (no output head, no graph), windows of one length batched;
     each call's xᵀx goes straight onto the space's running sum on disk, so no sum is held in memory. Also returns
-    the base model's last hidden states per window (float32, (T, d)): a few MB, kept for the tuning."""
+    the base model's last hidden states (float32, (T, d)) of the windows whose indices are in `keep`, in order:
+    1.2 MB per 512-token window of SmolLM2, kept for the tuning."""
     import torch
 
     n_seen = sum(len(w) for w in windows)
@@ -304,7 +337,7 @@ def _second_moments(model, rules, windows, started, log) -> tuple["SpilledArrays
         with torch.no_grad():
             for batch in batches:
                 out = model.base_model(input_ids=torch.tensor(batch), use_cache=False).last_hidden_state
-                hidden += [h.float().numpy().copy() for h in out]
+                hidden += [h.float().numpy().copy() for j, h in enumerate(out, start=done) if j in keep]
                 del out
                 done += len(batch)
                 log(f"calibration: second moments, window {done}/{len(windows)} ({time.monotonic() - started:.0f} s)")

@@ -122,7 +122,7 @@ def prepare(source: Source, options: ConvertOptions, policy: Policy, log, progre
         started = time.monotonic()
         # sequential coding measures the second moments itself, on the coded model
         calibration = calibrate(source, text, n_tokens=options.calib_tokens, seed=options.seed, log=log, heap=heap,
-                                moments=not options.sequential)
+                                moments=not options.sequential, tuning_windows=options.tune_steps)
         policy.use_calibration(calibration)
         log(f"calibration: {calibration.tokens} tokens in {time.monotonic() - started:.1f} s")
     if policy.two_pass:
@@ -203,7 +203,7 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
 
     started = time.monotonic()
     calibration = policy.calibration
-    if calibration is None or not calibration.hidden:
+    if calibration is None:
         raise ConversionError("--tune-steps needs the calibration's statistics (--calib)")
     # the source model's side of the distillation is the calibration's hidden states: the teacher's linear
     # weights are never needed, so they are not read (the codes stand in for them); sequential coding reads them
@@ -229,7 +229,7 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
     if unknown:
         raise ConversionError(f"--tune-steps: the torch model of a {source.config.architecture} model has no "
                               f"parameter {unknown[0]!r}")
-    linear = finetune.tune_scales(teacher, linear, fixed, calibration.windows, teacher_hidden=calibration.hidden,
+    linear = finetune.tune_scales(teacher, linear, fixed, calibration.tuning, teacher_hidden=calibration.hidden,
                                   steps=options.tune_steps, lr=finetune.peak_rate(options.bpw),
                                   decay=finetune.decays(options.bpw), log=log, heap=heap)
     records.update(linear)

@@ -292,7 +292,7 @@ def test_bounded_memory_statistics_equal_the_plain_ones(family, tmp_path):
     hessians, fisher, hidden = _plain_statistics(source, windows)
     assert set(cal.hessians) == set(hessians) and set(cal.fisher) == set(fisher)
     # the source model's last hidden states per window (the tuning's teacher side), from the batched forward
-    assert cal.windows == windows and len(cal.hidden) == len(hidden)
+    assert cal.windows == cal.tuning == windows and len(cal.hidden) == len(hidden)
     for got, want in zip(cal.hidden, hidden):
         assert got.dtype == np.float32 and np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     for key, h in hessians.items():
@@ -304,6 +304,40 @@ def test_bounded_memory_statistics_equal_the_plain_ones(family, tmp_path):
     del cal
     gc.collect()
     assert not os.path.exists(folder)
+
+
+def test_the_fisher_and_the_tuning_read_spread_subsets_of_many_windows(tiny_llama_dir, monkeypatch):
+    """Past FISHER_TOKENS the gradient pass reads windows spread evenly over the calibration's, first and last
+    included, and its figures are those of those windows alone; the teacher's hidden states are kept for as many
+    windows as the tuning will read, spread the same way; the second moments still come from every window."""
+    from occrt.converters import calibrate as cal_mod
+    from occrt.converters.calibrate import fisher_windows, spread
+
+    assert spread(5, None) == spread(5, 5) == spread(5, 9) == [0, 1, 2, 3, 4]
+    assert spread(5, 0) == spread(5, 1) == [0] and spread(5, 2) == [0, 4] and spread(0, 3) == []
+    windows = [[i] * 10 for i in range(9)]
+    assert fisher_windows(windows, 90) is windows and fisher_windows(windows, 1000) is windows
+    assert fisher_windows(windows, 30) == [windows[0], windows[4], windows[8]]
+    assert fisher_windows(windows, 1) == [windows[0]]
+    assert [w[0] for w in fisher_windows(windows, 50)] == [0, 2, 4, 6, 8]
+
+    source = open_source(tiny_llama_dir)
+    monkeypatch.setattr(cal_mod, "FISHER_TOKENS", 3 * 65)
+    # 7 windows: 6 of 65 tokens and one of 17; the tuning reads 4 (first, 2nd, 4th, last: indices 0, 2, 4, 6)
+    cal = calibrate(source, TEXT, n_tokens=400, ctx=64, tuning_windows=4)
+    windows = calibration_windows(source, TEXT, n_tokens=400, ctx=64)
+    picked = fisher_windows(windows, 3 * 65)
+    assert len(windows) == 7 and picked == [windows[0], windows[3], windows[6]]
+    hessians, _, hidden = _plain_statistics(source, windows)
+    _, fisher, _ = _plain_statistics(source, picked)
+    assert cal.windows == windows and cal.tokens == sum(len(w) for w in windows)
+    assert cal.tuning == [windows[i] for i in (0, 2, 4, 6)] and len(cal.hidden) == 4
+    for got, want in zip(cal.hidden, [hidden[i] for i in (0, 2, 4, 6)]):
+        assert got.shape == want.shape and np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    for key, h in hessians.items():
+        assert np.allclose(cal.hessians[key], h, rtol=1e-4, atol=1e-5 * np.abs(h).max()), key
+    for name, f in fisher.items():
+        assert cal.fisher[name] == pytest.approx(f, rel=1e-3), name
 
 
 @pytest.mark.parametrize("rotate", ["in", "both"])
