@@ -258,22 +258,24 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 5))
     families: dict[str, list[dict]] = {}
     for r in rows:
         if r["family"] != "ref":
             families.setdefault(r["family"] if r["family"] != "peer" else r["method"], []).append(r)
-    for name, rs in families.items():
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours, markers besides: no two families look alike
+    markers = "os^vD<>ph*"
+    for k, (name, rs) in enumerate(families.items()):
         rs = sorted(rs, key=lambda r: r["bpw"])
-        style = "o-" if len(rs) > 1 else "s"
-        ax.plot([r["bpw"] for r in rs], [r["ratio"] for r in rs], style, label=name)
+        ax.plot([r["bpw"] for r in rs], [r["ratio"] for r in rs], linestyle="-" if len(rs) > 1 else "none",
+                marker=markers[k % len(markers)], color=colors[k % len(colors)], label=name)
     ax.set_yscale("log")
     ax.set_xlabel("bits per linear weight")
     ax.set_ylabel("perplexity / reference")
     ax.set_title(f"SmolLM2-135M-Instruct, {meta['text']} ({meta['tokens']} tokens)")
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: the curves stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

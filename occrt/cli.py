@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "by each tensor's loss sensitivity. 'self': text sampled from the source model itself "
                         "(no calibration data needed; a file named self: ./self)")
     c.add_argument("--calib-tokens", type=_positive_int, default=8192,
-                   help="tokens of the calibration text to use, or to sample with --calib self (default: 8192)")
+                   help="tokens of the calibration text to use, or to sample with --calib self (default: 8192); "
+                        "the sensitivities' gradient pass reads at most 8192 of them, spread over the text")
     c.add_argument("--tune-steps", type=_non_negative_int, default=None,
                    help="with --calib: steps of end-to-end tuning of the step multipliers by distillation from the "
                         "source model (default: 32 with --calib for Llama, Mistral, Qwen and Gemma models, which "
