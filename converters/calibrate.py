@@ -304,7 +304,7 @@ def _space_modules(model, rules) -> dict[str, object]:
     return spaces
 
 
-HEAD_CHUNK = 128  # positions per slice of logits in the gradient pass
+HEAD_CHUNK = 128  # positions per slice of logits in the gradient pass and the tuning
 _MOMENT_BATCH_TOKENS = 2048  # windows per forward call in the second-moment pass: bounds its activations
 
 

@@ -72,6 +72,23 @@ def learning_rate(step: int, steps: int, peak: float = DEFAULT_LR, decay: bool =
     return 0.5 * peak * (1.0 + math.cos(math.pi * step / steps))
 
 
+_BF16_EXACT = 256  # bfloat16's 8-bit significand holds every integer of magnitude up to 2^8 exactly
+
+
+def product_dtype():
+    """The type the student's coded products are computed in: bfloat16 where the CPU multiplies it natively
+    (AVX512-BF16 or AMX), float32 elsewhere (bfloat16 is emulated there, slower than float32).
+
+    The codes are exact in bfloat16 (`_BF16_EXACT`); the scaled activations round to 8 significant bits (a relative
+    error of ~2^-9 against the ~2^-bpw the quantization leaves), and the products accumulate in float32. On a
+    Sapphire Rapids core a (512 x 1536) x (1536 x 576) product takes 0.44 ms instead of 2.7 ms; a tuning step on
+    SmolLM2 at 3.0 bits ~2.8 s instead of ~3.5 s (benchmarks/quality_results.md)."""
+    import torch
+
+    native = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return torch.bfloat16 if any(f is not None and f() for f in native) else torch.float32
+
+
 def _side(enc: Encoded) -> bytes:
     return bytes(enc.payload[0])
 
@@ -99,10 +116,12 @@ class _Rotation:
 class _CodedLinear:
     """One ecsq or tcq record opened for tuning, computing its layer's output from the compact form, as the runtime does
     (occrt/model/decoder_torch.py): x_r = Q_in x, y = Q_outᵀ(((x_r ⊙ b) (Δ·C)ᵀ) ⊙ a + (x_r Vᵀ) Uᵀ) + bias, with
-    a = a0·exp(log_a), b = b0·exp(log_b). The codes stay integers (the smallest type that holds them); Δ·C is
-    widened to float32 inside the call, so with checkpointed layers no float copy of the model's weights is kept."""
+    a = a0·exp(log_a), b = b0·exp(log_b). The codes stay integers (the smallest type that holds them); C is widened
+    inside the call, so with checkpointed layers no float copy of the model's weights is kept. `dtype`: the type of
+    the product's operands, float32 or bfloat16 (`product_dtype`); bfloat16 holds every integer up to 256 exactly, so
+    a record with larger codes is multiplied in float32 whatever `dtype` says."""
 
-    def __init__(self, enc: Encoded, hadamards: dict, torch):
+    def __init__(self, enc: Encoded, hadamards: dict, torch, dtype=None):
         from occrt.kernels.hadamard import TorchHadamard
 
         n_out, n_in = enc.shape
@@ -117,6 +136,7 @@ class _CodedLinear:
         small = np.int8 if peak < 1 << 7 else np.int16 if peak < 1 << 15 else np.int32
         self.codes = torch.from_numpy(codes.astype(small))
         self.step = float(params["step"])
+        self.dtype = torch.float32 if dtype is None or peak > _BF16_EXACT else dtype
 
         def f16(part):
             start, n_bytes = part
@@ -143,7 +163,7 @@ class _CodedLinear:
         import torch
 
         x_r = x if self.q_in is None else self.q_in.rotate(x)
-        y = (x_r * (self.b0 * torch.exp(self.log_b))) @ self.codes.to(torch.float32).T
+        y = ((x_r * (self.b0 * torch.exp(self.log_b))).to(self.dtype) @ self.codes.to(self.dtype).T).float()
         y = y * (self.a0 * (self.step * torch.exp(self.log_a)))
         if self.u is not None:
             y = y + (x_r @ self.v.T) @ self.u.T
@@ -163,20 +183,84 @@ def _with_scales(enc: Encoded, c: _CodedLinear) -> Encoded:
                    payload=[bytes(side), enc.payload[1]], params=enc.params)
 
 
+class HeadKL:
+    """KL(p_teacher ‖ p_student) summed over positions, from both models' last hidden states, and its gradient in the
+    student's, in closed form, a slice of positions at a time in three (slice, vocab) float32 buffers.
+
+    With z the student's logits and log q = z - logsumexp(z), d/dz Σ_v p_v (log p_v - log q_v) = q - p (a row of p
+    sums to 1), so no graph over the vocabulary is built: autograd's slices of logits, log-softmaxes and their
+    gradients were ~10 fresh (128 x 49152) tensors per slice on SmolLM2, each mapped and faulted in anew (0.63 s of a
+    3.5 s tuning step). Gemma's final soft cap z = c·tanh(l/c) multiplies the gradient by dz/dl = 1 - (z/c)². The
+    logits stay float32: a softmax over 49,152 of them feels their absolute error, which bfloat16 (~0.06 at |z| = 30)
+    would put near the KL itself at 4 bits. The buffers live for one call: kept, their 75 MB would sit on top of the
+    layers' backward, the tuning's peak."""
+
+    def __init__(self, model, teacher_weight, chunk: int):
+        self.head = model.get_output_embeddings()  # its weight is the student's while the student is switched on
+        self.teacher_weight = teacher_weight  # (vocab, d) the source's head
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.chunk = chunk
+
+    def _logits(self, hidden, weight, out):
+        import torch
+
+        torch.mm(hidden, weight.t(), out=out)  # (m, vocab)
+        if self.head.bias is not None:
+            out += self.head.bias
+        if self.softcap:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out
+
+    def backward(self, hidden, hidden_teacher, scale: float) -> float:
+        """Backpropagate scale · Σ_positions KL into the graph that made `hidden` (T, d); `hidden_teacher` (T, d) is
+        the source model's. Returns scale · Σ KL."""
+        import torch
+
+        weight = self.head.weight  # (vocab, d)
+        buffers = [torch.empty(min(self.chunk, len(hidden)), weight.shape[0]) for _ in range(3)]  # (slice, vocab)
+        total = 0.0
+        with torch.no_grad():
+            grad = torch.empty_like(hidden)  # (T, d)
+            for a in range(0, len(hidden), self.chunk):
+                b = min(a + self.chunk, len(hidden))
+                log_p, p, g = (buf[:b - a] for buf in buffers)
+                self._logits(hidden_teacher[a:b], self.teacher_weight, log_p)
+                log_p -= log_p.amax(dim=-1, keepdim=True)
+                torch.exp(log_p, out=p)
+                norm = p.sum(dim=-1, keepdim=True)
+                p /= norm
+                log_p -= norm.log_()
+                self._logits(hidden.detach()[a:b], weight, g)
+                g -= g.amax(dim=-1, keepdim=True)
+                kl = torch.dot(p.view(-1), log_p.view(-1)) - torch.dot(p.view(-1), g.view(-1))  # + Σ log Σ exp below
+                g.exp_()
+                norm = g.sum(dim=-1, keepdim=True)
+                total += float(kl + norm.log().sum())
+                g /= norm
+                g -= p  # q - p: the gradient in the (capped) logits
+                if self.softcap:
+                    cap = self._logits(hidden.detach()[a:b], weight, log_p).div_(self.softcap)
+                    g *= cap.square_().neg_().add_(1.0)
+                torch.mm(g, weight, out=grad[a:b]).mul_(scale)
+        del buffers, log_p, p, g
+        torch.autograd.backward(hidden, grad)
+        return scale * total
+
+
 class Student:
     """The coded model inside the source's torch model (`teacher`), without a second copy of it.
 
     Each coded linear module computes from its record (`_CodedLinear`) while `student` is on, from the source's
     weights otherwise; the embedding (and a tied head) use the decoded `fixed` tensors while it is on. Use as a
-    context manager: the modules are restored on exit."""
+    context manager: the modules are restored on exit. `dtype`: the coded products' type (`_CodedLinear`)."""
 
-    def __init__(self, teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarray]):
+    def __init__(self, teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarray], dtype=None):
         import torch
 
         self.model = teacher
         self.on = False
         self._rotations: dict = {"last": []}  # spec -> _Rotation, and their shared slot
-        self.coded = {name: _CodedLinear(enc, self._rotations, torch) for name, enc in records.items()
+        self.coded = {name: _CodedLinear(enc, self._rotations, torch, dtype) for name, enc in records.items()
                       if enc.codec in (EcsqCodec.id, TcqCodec.id)}
         self._modules = [(teacher.get_submodule(name.rsplit(".", 1)[0]), c) for name, c in self.coded.items()]
         self._swaps = []  # (module, attribute, source parameter, coded tensor)
@@ -229,7 +313,7 @@ class Student:
 def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarray], windows: list[list[int]], *,
                 teacher_hidden: list[np.ndarray], steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
                 decay: bool = True, log: Callable[[str], None] = lambda msg: None,
-                heap: MallocThresholds | None = None) -> dict[str, Encoded]:
+                heap: MallocThresholds | None = None, dtype=None) -> dict[str, Encoded]:
     """Fit the multipliers of `records` (ecsq, name -> record, HF parameter names of `teacher`) so the coded model's
     next-token distributions follow `teacher`'s on `windows`.
 
@@ -240,30 +324,26 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
     last hidden states (T, d) per window (the calibration's second-moment pass computes them).
     Memory: the teacher's other tensors, the codes as small integers, the hidden states, the layers' inputs
     (checkpointed layers) and one slice of logits at a time (converters/calibrate.py's helpers). `heap`: glibc's
-    malloc thresholds as the command line installs them: the steps reuse the heap (`checkpointed_layers`)."""
+    malloc thresholds as the command line installs them: the steps reuse the heap (`checkpointed_layers`).
+    `dtype`: the coded products' type (None: `product_dtype()`)."""
     import torch
 
-    from occrt.converters.calibrate import backward_through_head, checkpointed_layers, head_logits
+    from occrt.converters.calibrate import HEAD_CHUNK, checkpointed_layers
 
     if steps <= 0 or not windows:
         return records
     started = time.monotonic()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    head = head_logits(teacher)  # the model's head as switched (the coded embedding when the student is on)
-    teacher_head = head_logits(teacher, weight=teacher.get_output_embeddings().weight)  # always the source's
+    kl = HeadKL(teacher, teacher.get_output_embeddings().weight, HEAD_CHUNK)  # the source's head, before the swap
     if len(teacher_hidden) != len(windows):
         raise ValueError(f"{len(teacher_hidden)} teacher hidden states for {len(windows)} windows")
     targets = [torch.from_numpy(np.asarray(h, dtype=np.float32)) for h in teacher_hidden]  # a few MB for all
-
-    def kl_slice(hidden, hidden_teacher):  # sum over the slice's positions of KL(teacher ‖ student)
-        with torch.no_grad():  # the teacher's log-probabilities a slice at a time: never (T, vocab) at once
-            target = torch.log_softmax(teacher_head(hidden_teacher), dim=-1)
-        predicted = torch.log_softmax(head(hidden), dim=-1)
-        return (target.exp() * (target - predicted)).sum()
+    dtype = product_dtype() if dtype is None else dtype
+    log(f"tuning: coded products in {str(dtype).removeprefix('torch.')}")
 
     first = last = None
-    with Student(teacher, records, fixed) as student, \
+    with Student(teacher, records, fixed, dtype) as student, \
             checkpointed_layers(teacher, teacher.config.num_hidden_layers, heap):
         optimizer = torch.optim.Adam(student.parameters(), lr=lr)
         student.set(True)
@@ -275,8 +355,7 @@ def tune_scales(teacher, records: dict[str, Encoded], fixed: dict[str, np.ndarra
             hidden_teacher = targets[k]
             optimizer.zero_grad(set_to_none=True)
             hidden = student.hidden(ids)
-            n = len(hidden)
-            value = backward_through_head(hidden, lambda h, a, b: kl_slice(h, hidden_teacher[a:b]) / n)
+            value = kl.backward(hidden, hidden_teacher, 1.0 / len(hidden))
             student.forget()  # the checkpointed layers' recomputation rotated again
             optimizer.step()
             del hidden

@@ -376,7 +376,11 @@ def test_the_tuning_student_is_the_coded_model(tiny_llama_dir, calib_file, tmp_p
         got = head(student.hidden(torch.tensor([IDS]))).numpy()
         student.set(False)
         plain = head(student.hidden(torch.tensor([IDS]))).numpy()
+    with torch.no_grad(), Student(teacher, records, fixed, torch.bfloat16) as student:  # the products' operands
+        student.set(True)
+        rounded = head(student.hidden(torch.tensor([IDS]))).numpy()
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+    assert 1e-4 < np.abs(rounded - want).max() / np.abs(want).max() < 2e-2  # rounded to 8 significant bits
     assert np.abs(plain - hf_logits(tiny_llama_dir, IDS)).max() < 1e-4
     assert np.abs(plain - want).max() > 1e-2  # the coded model is not the source
 
@@ -418,6 +422,53 @@ def test_the_head_backward_in_slices_equals_the_whole_backward():
     assert total == pytest.approx(float(whole.detach()), rel=1e-5)
     for got, p in zip(sliced, layer.parameters()):
         torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap, bias", [(None, False), (3.0, True)])
+def test_the_tuning_kl_and_its_gradient_in_closed_form_are_autograds(softcap, bias):
+    """HeadKL: Σ KL(p_teacher ‖ p_student) over positions, and its gradient through the student's head into the layer
+    below, computed in slices into reused buffers without a graph over the vocabulary, equal what autograd gets from
+    the plain formula (with Gemma's final soft cap and a head bias too)."""
+    import torch
+    from types import SimpleNamespace
+
+    from occrt.converters.finetune import HeadKL
+
+    torch.manual_seed(0)
+    layer, head, teacher_head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 50, bias=bias), torch.randn(50, 8)
+    for p in head.parameters():
+        p.requires_grad_(False)
+    model = SimpleNamespace(get_output_embeddings=lambda: head, config=SimpleNamespace(final_logit_softcapping=softcap))
+    x, hidden_teacher = torch.randn(37, 8), torch.randn(37, 8)
+
+    def logits(h, weight):
+        z = h @ weight.T + (head.bias if bias else 0.0)
+        return torch.tanh(z / softcap) * softcap if softcap else z
+
+    kl = HeadKL(model, teacher_head, chunk=10)  # slices of 10, 10, 10 and 7 positions
+    values = [kl.backward(layer(x), hidden_teacher, 1.0 / 37) for _ in range(2)]
+    closed = [p.grad.clone() / 2 for p in layer.parameters()]
+    layer.zero_grad()
+    target = torch.log_softmax(logits(hidden_teacher, teacher_head), dim=-1)
+    plain = (target.exp() * (target - torch.log_softmax(logits(layer(x), head.weight), dim=-1))).sum() / 37
+    plain.backward()
+    assert values[0] == values[1] == pytest.approx(float(plain.detach()), rel=1e-5)
+    for got, p in zip(closed, layer.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_tuning_products_are_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    """product_dtype: bfloat16 where torch reports AVX512-BF16 or AMX, float32 otherwise (emulated bfloat16 is
+    slower than float32)."""
+    import torch
+
+    from occrt.converters.finetune import product_dtype
+
+    for avx512_bf16, amx, want in ((False, False, torch.float32), (True, False, torch.bfloat16),
+                                   (False, True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert product_dtype() == want
 
 
 def test_the_tuning_teacher_leaves_the_linear_weights_unread(tmp_path):
