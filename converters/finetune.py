@@ -81,8 +81,9 @@ def product_dtype():
 
     The codes are exact in bfloat16 (`_BF16_EXACT`); the scaled activations round to 8 significant bits (a relative
     error of ~2^-9 against the ~2^-bpw the quantization leaves), and the products accumulate in float32. On a
-    Sapphire Rapids core a (512 x 1536) x (1536 x 576) product takes 0.44 ms instead of 2.7 ms; a tuning step on
-    SmolLM2 at 3.0 bits ~2.8 s instead of ~3.5 s (benchmarks/quality_results.md)."""
+    Sapphire Rapids core a (512 x 1536) x (1536 x 576) product takes 0.44 ms instead of 2.7 ms. With `HeadKL`, 24
+    tuning steps on SmolLM2 at 3.0 bits took 63 s instead of 87 s, and the perplexity after 128 steps moved by 0.02 %
+    (benchmarks/quality_results.md, "A faster tuning step")."""
     import torch
 
     native = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
