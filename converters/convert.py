@@ -231,7 +231,7 @@ def _tuned_records(source: Source, expected: dict[str, tuple[int, ...]], policy:
                               f"parameter {unknown[0]!r}")
     linear = finetune.tune_scales(teacher, linear, fixed, calibration.tuning, teacher_hidden=calibration.hidden,
                                   steps=options.tune_steps, lr=finetune.peak_rate(options.bpw),
-                                  decay=finetune.decays(options.bpw), log=log, heap=heap)
+                                  decay=finetune.decays(options.bpw, options.tune_steps), log=log, heap=heap)
     records.update(linear)
     log(f"tuning: {len(linear)} tensors in {time.monotonic() - started:.1f} s")
     return records

@@ -53,12 +53,15 @@ def peak_rate(bpw: float) -> float:
     return DEFAULT_LR * 2.0 ** min(0.0, 3.0 - bpw)
 
 
-def decays(bpw: float) -> bool:
-    """Whether the rate decays (`learning_rate`) for a file of `bpw` bits per linear weight: from 2.5 bits up. Far
-    from the source the 32 steps are still descending when the cosine has shrunk them: with alice29 on SmolLM2 (enwiki
-    perplexity ratio) the decay gave 2.720 at 2.0 bits against 2.611 at a constant 3e-3, while at 2.5 bits it gave
-    1.568 against 1.580 (and 1.257 against 1.263 at 3.0)."""
-    return bpw >= 2.5
+def decays(bpw: float, steps: int = DEFAULT_STEPS) -> bool:
+    """Whether the rate decays (`learning_rate`) for `steps` tuning steps on a file of `bpw` bits per linear weight:
+    from 2.5 bits up, and below that when there are more steps than DEFAULT_STEPS. Far from the source 32 steps are
+    still descending when the cosine has shrunk them: with alice29 on SmolLM2 (enwiki perplexity ratio) the decay
+    gave 2.720 at 2.0 bits against 2.611 at a constant 3e-3, while at 2.5 bits it gave 1.568 against 1.580 (and
+    1.257 against 1.263 at 3.0). With more steps the constant rate ends on large, noisy ones: at 2.0 bits with 16,384
+    Wikipedia tokens, 128 steps at 3e-3 gave 1.761 and 96 steps along the cosine 1.662 (32 at 3e-3: 1.710;
+    benchmarks/quality_results.md, "Where 3.0 bits stands")."""
+    return bpw >= 2.5 or steps > DEFAULT_STEPS
 
 
 def learning_rate(step: int, steps: int, peak: float = DEFAULT_LR, decay: bool = True) -> float:

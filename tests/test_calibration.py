@@ -577,6 +577,7 @@ def test_the_tuning_rate_halves_per_bit_above_three(tiny_llama_dir, calib_file, 
     assert peaks == pytest.approx([finetune.DEFAULT_LR, finetune.DEFAULT_LR / 2])
     assert finetune.peak_rate(2.0) == finetune.DEFAULT_LR
     assert finetune.decays(2.5) and not finetune.decays(2.0)
+    assert finetune.decays(2.0, finetune.DEFAULT_STEPS + 1) and not finetune.decays(2.0, finetune.DEFAULT_STEPS)
 
 
 def test_the_tuning_shrinks_the_sensitivity_weighting():
