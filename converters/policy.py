@@ -37,7 +37,7 @@ from occrt.codecs.raw import RawCodec
 from occrt.codecs.rotation import RotationSpec, derive_seed, rotate
 from occrt.converters.calibrate import DEFAULT_TOKENS, Calibration
 from occrt.converters.gptq import cholesky_inverse_upper, ecsq_error_feedback, tcq_error_feedback
-from occrt.converters.ratecontrol import Candidate, TensorCurves, allocate, measure
+from occrt.converters.ratecontrol import Candidate, TensorCurves, allocate, measure, step_exponents
 from occrt.converters.source import SourceTensor
 from occrt.errors import ConversionError
 from occrt.format.constants import bf16_bits_to_f32
@@ -249,21 +249,26 @@ class Policy:
         importance = self.importance(t.name)
         curves = TensorCurves(t.name, int(w.size), importance)
         trellis = TRELLIS if self.codec_id(t.name) == tcq.TcqCodec.id else None
+        grid = step_exponents(self.o.embed_bpw if t.name in EMBEDDINGS else self.o.bpw)
         for opts in self._frame_options(t.name, w.shape):
             cand: Candidate = measure(t.name, self._frame(w, opts), opts, importance=importance,
-                                      chunk_size=self.o.chunk_size, trellis=trellis)
+                                      chunk_size=self.o.chunk_size, trellis=trellis, exponents=grid)
             curves.candidates.append(cand)
         (self.embed_curves if t.name in EMBEDDINGS else self.curves)[t.name] = curves
 
     def finalize(self) -> None:
         if not self.two_pass:
             return
-        for group, bpw in ((self.curves, self.o.bpw), (self.embed_curves, self.o.embed_bpw)):
+        for group, bpw, flag in ((self.curves, self.o.bpw, "--bpw"), (self.embed_curves, self.o.embed_bpw,
+                                                                        "--embed-bpw")):
             names = list(group)
             n_params = sum(group[n].n_params for n in names)
             if not n_params:
                 continue
-            choices, lam = allocate([group[n] for n in names], bpw * n_params)
+            try:
+                choices, lam = allocate([group[n] for n in names], bpw * n_params)
+            except ValueError as e:
+                raise ConversionError(f"{flag} {bpw:g}: {e}") from None
             for name, c in zip(names, choices):
                 cand = group[name].candidates[c.candidate]
                 self.chosen[name] = (cand.options, float(cand.steps[c.step_index]))

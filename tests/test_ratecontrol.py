@@ -7,7 +7,7 @@ import pytest
 import occrt
 from occrt.converters.convert import ConvertOptions, convert
 from occrt.converters.policy import CodingOptions, Policy
-from occrt.converters.ratecontrol import Candidate, TensorCurves, allocate
+from occrt.converters.ratecontrol import STEP_EXPONENTS, Candidate, TensorCurves, allocate, step_exponents
 from occrt.errors import ConversionError
 from occrt.format import OccFile
 from tests.conftest import hf_logits, make_llama_dir
@@ -28,7 +28,8 @@ def _logits(path):
 
 
 @pytest.mark.parametrize("bpw,rotate,ranks,quantizer", [(3.0, "none", (0,), "trellis"), (2.5, "both", (0,), "scalar"),
-                                                      (4.0, "in", (0, 8), "trellis"), (2.0, "none", (0,), "trellis")])
+                                                      (4.0, "in", (0, 8), "trellis"), (2.0, "none", (0,), "trellis"),
+                                                      (9.0, "in", (0,), "trellis")])
 def test_bpw_target_is_met(wide_llama_dir, tmp_path, bpw, rotate, ranks, quantizer):
     out = str(tmp_path / "m.occ")
     summary = convert(wide_llama_dir, out, ConvertOptions(bpw=bpw, rotate=rotate, ranks=ranks, quantizer=quantizer),
@@ -100,6 +101,17 @@ def test_impossible_budget_is_a_clear_error():
         allocate([TensorCurves("t", 10, 1.0, [c])], 10.0)
     choices, _ = allocate([TensorCurves("t", 10, 1.0, [c])], 75.0)
     assert choices[0].step_index == 1
+    # the finest step spends 100 bits: a budget up to 2 % above it is met, one further above is refused
+    assert allocate([TensorCurves("t", 10, 1.0, [c])], 101.0)[0][0].step_index == 0
+    with pytest.raises(ValueError, match=r"budget of 11\.000 bits per weight is above what the finest steps spend "
+                                         r"\(10\.000\)"):
+        allocate([TensorCurves("t", 10, 1.0, [c])], 110.0)
+
+
+def test_the_step_grid_reaches_past_high_targets():
+    assert np.array_equal(step_exponents(3.0), STEP_EXPONENTS) and np.array_equal(step_exponents(5.0),
+                                                                                  STEP_EXPONENTS)
+    assert step_exponents(8.5)[0] == -80 and step_exponents(8.5)[-1] == STEP_EXPONENTS[-1]
 
 
 @pytest.mark.parametrize("bad", [dict(bpw=3.0, lossless=True), dict(bpw=0.1), dict(rotate="diagonal"),
