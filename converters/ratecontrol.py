@@ -33,7 +33,7 @@ SHORTFALL_TOLERANCE = 0.02
 
 def step_exponents(bpw: float) -> np.ndarray:
     """The step grid (exponents of 2^(1/8) times the rms) for a target of `bpw` bits per weight: `STEP_EXPONENTS`
-    up to 5 bits, and below that one octave finer per bit more, so the finest step (Δ = rms · 2^-(⌈bpw⌉+1), about
+    up to 5 bits and, above that, one octave finer per bit more, so the finest step (Δ = rms · 2^-(⌈bpw⌉+1), about
     ⌈bpw⌉ + 3 bits a weight for a Gaussian) stays past the target. Before it the grid stopped at 1/64 of the rms
     whatever the target, and `--bpw 8.5` gave 8.08 bits per weight on SmolLM2."""
     finest = int(STEP_RESOLUTION) * max(6, math.ceil(bpw) + 1)
